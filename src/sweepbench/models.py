@@ -1,0 +1,121 @@
+"""Model registry: one decorated factory per model; CLI, studies and benchmarks read it.
+
+Factory keyword arguments are what studies sweep, so they have plain names (``hidden_size``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+from .config import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    factory: Callable[..., nn.Module]
+    input_shape: tuple[int, ...]
+    description: str
+
+    def defaults(self) -> dict[str, Any]:
+        params = inspect.signature(self.factory).parameters.values()
+        return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+_MODELS: dict[str, ModelEntry] = {}
+
+
+def register_model(input_shape: tuple[int, ...]) -> Callable:
+    """Registers a factory under its function name; ``input_shape`` is one sample's (C, H, W)."""
+
+    def decorate(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        doc = (factory.__doc__ or "").strip().splitlines()
+        _MODELS[factory.__name__] = ModelEntry(factory.__name__, factory, tuple(input_shape), doc[0] if doc else "")
+        return factory
+
+    return decorate
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def get_model_entry(name: str) -> ModelEntry:
+    if name not in _MODELS:
+        raise ConfigError(f"model: unknown model {name!r}; registered models: {', '.join(list_models())}")
+    return _MODELS[name]
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    entry = get_model_entry(name)
+    allowed = entry.defaults()
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ConfigError(f"model_kwargs: {unknown} not accepted by {name!r}; allowed: {', '.join(allowed) or 'none'}")
+    return entry.factory(**kwargs)
+
+
+def _dropout(p: float) -> nn.Module:
+    """Dropout, or nothing at all when p == 0: an identity op still costs time on small CPU models."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+@register_model(input_shape=(1, 28, 28))
+def mnist_mlp(hidden_size: int = 128, dropout: float = 0.0, num_classes: int = 10) -> nn.Module:
+    """MLP 784-hidden-10 with ReLU, as in the seed tutorial."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(28 * 28, hidden_size),
+        nn.ReLU(),
+        _dropout(dropout),
+        nn.Linear(hidden_size, num_classes),
+    )
+
+
+class LeNet(nn.Module):
+    """The classic CIFAR-10 tutorial LeNet: conv 3-6 5x5, pool, conv 6-16 5x5, pool, fc 400-120-84-10."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(16 * 5 * 5, 120), nn.ReLU(),
+            nn.Linear(120, 84), nn.ReLU(),
+            nn.Linear(84, num_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+@register_model(input_shape=(3, 32, 32))
+def cifar_lenet(num_classes: int = 10) -> nn.Module:
+    """The classic CIFAR-10 tutorial LeNet (about 62k parameters)."""
+    return LeNet(num_classes)
+
+
+def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2))
+
+
+@register_model(input_shape=(3, 32, 32))
+def cifar_cnn(hidden_size: int = 64, dropout: float = 0.0, num_classes: int = 10) -> nn.Module:
+    """CNN conv 3-32-32-64 5x5 (pad 2, ReLU, 2x2 max-pool each), then linear 1024-hidden-10."""
+    return nn.Sequential(
+        _conv_block(3, 32),
+        _conv_block(32, 32),
+        _conv_block(32, 64),
+        nn.Flatten(),
+        nn.Linear(64 * 4 * 4, hidden_size),
+        nn.ReLU(),
+        _dropout(dropout),
+        nn.Linear(hidden_size, num_classes),
+    )
