@@ -25,7 +25,7 @@ from torch import nn
 
 from .config import ConfigError, RunConfig
 from .data import Dataset, PerSampleImageDataset, load_dataset
-from .models import create_model, get_model_entry
+from .models import check_model_kwargs, create_model
 
 CHECKPOINT_FORMAT = 1
 
@@ -318,7 +318,7 @@ class _Run:
         _set_precision_flags(self.device, config.precision)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        get_model_entry(config.model)
+        check_model_kwargs(config.model, config.model_kwargs)
         self.dataset = load_dataset(config.dataset, config.data_dir, config.download, config.val_size,
                                     **config.dataset_kwargs)
         torch.manual_seed(config.seed)

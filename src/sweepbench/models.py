@@ -50,13 +50,18 @@ def get_model_entry(name: str) -> ModelEntry:
     return _MODELS[name]
 
 
-def create_model(name: str, **kwargs: Any) -> nn.Module:
+def check_model_kwargs(name: str, kwargs: dict[str, Any]) -> ModelEntry:
+    """Fails fast, before any data is loaded, on an unknown model or keyword argument."""
     entry = get_model_entry(name)
     allowed = entry.defaults()
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise ConfigError(f"model_kwargs: {unknown} not accepted by {name!r}; allowed: {', '.join(allowed) or 'none'}")
-    return entry.factory(**kwargs)
+    return entry
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    return check_model_kwargs(name, kwargs).factory(**kwargs)
 
 
 def _dropout(p: float) -> nn.Module:
