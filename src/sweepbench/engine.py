@@ -170,8 +170,15 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def build_optimizer(config: RunConfig, params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
-    kwargs: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay}
+FUSED_OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def build_optimizer(config: RunConfig, params: Iterator[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    """Fused kernels where PyTorch has them for this device, else the multi-tensor (foreach) path: PyTorch's
+    CPU default is a per-parameter Python loop, which costs a fifth of a small MLP's step time here."""
+    fused = config.optimizer in FUSED_OPTIMIZERS and device.type in ("cpu", "cuda")
+    kwargs: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay,
+                              **({"fused": True} if fused else {"foreach": True})}
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, momentum=config.momentum, nesterov=config.nesterov, **kwargs)
     if config.optimizer == "rmsprop":
@@ -324,7 +331,7 @@ class _Run:
         torch.manual_seed(config.seed)
         self.module = create_model(config.model, **config.model_kwargs).to(self.device)
         self.model = torch.compile(self.module) if config.compile else self.module
-        self.optimizer = build_optimizer(config, self.module.parameters())
+        self.optimizer = build_optimizer(config, self.module.parameters(), self.device)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=1, gamma=config.lr_gamma)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         x_train, y_train = self.dataset.x_train, self.dataset.y_train
