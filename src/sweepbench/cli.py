@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from typing import Sequence
 
@@ -46,8 +47,18 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint-dir")
     parser.add_argument("--resume", help="checkpoint to continue from")
     parser.add_argument("--json", action="store_true", help="end stdout with one JSON line")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")
     _add_data_args(parser)
+    _add_tracking_args(parser, default_experiment="train")
     parser.set_defaults(handler=_train)
+
+
+def _add_tracking_args(parser: argparse.ArgumentParser, default_experiment: str | None = None) -> None:
+    if default_experiment is not None:
+        parser.add_argument("--experiment", default=default_experiment,
+                            help=f"MLflow experiment name (default: {default_experiment})")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                               "sqlite:///<cwd>/mlruns/mlflow.db)")
 
 
 def parse_key_values(pairs: Sequence[str], option: str) -> dict:
@@ -79,10 +90,19 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def _train(args: argparse.Namespace) -> int:
     from .engine import ProgressBar, train
 
-    result = train(config_from_args(args), [ProgressBar()])
+    config = config_from_args(args)
+    if args.no_mlflow:
+        result, run_id = train(config, [ProgressBar()]), None
+    else:
+        from .tracking import MlflowLogger, train_tracked
+
+        logger = MlflowLogger(args.experiment, args.tracking_uri)
+        result, run_id = train_tracked(config, logger, [ProgressBar()]), logger.run_id
     print(format_summary(result.summary()))
+    if run_id:
+        print(f"mlflow run      {run_id} in experiment {args.experiment!r} at {logger.tracking_uri}")
     if args.json:
-        print(json.dumps(result.summary()))
+        print(json.dumps({**result.summary(), "mlflow_run_id": run_id}))
     return 0 if result.status == "completed" else 1
 
 
@@ -128,17 +148,198 @@ def _list_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split(values: str | None) -> list[str] | None:
+    return [value.strip() for value in values.split(",") if value.strip()] if values else None
+
+
+def _add_ui_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("ui", help="start the MLflow UI on the project's store")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, local only)")
+    parser.add_argument("--port", type=int, default=5000)
+    _add_tracking_args(parser)
+    parser.set_defaults(handler=_ui)
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from .tracking import is_server, resolve_tracking_uri, serve, ui_command
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    if is_server(uri):
+        print(f"MLflow UI: {uri} (served by the tracking server itself)")
+        return 0
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    return serve(ui_command(uri, args.host, args.port))
+
+
+def _add_report_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("report", help="comparison tables and charts from MLflow runs")
+    parser.add_argument("--experiment", action="append", help="experiment to read (repeatable; default: all)")
+    parser.add_argument("--filter", default="", help="MLflow search filter, e.g. \"params.optimizer = 'sgd'\"")
+    parser.add_argument("--status", default="FINISHED", help="FINISHED, FAILED, KILLED, RUNNING or all")
+    parser.add_argument("--group-by", default="model,dataset,device,precision,optimizer",
+                        help="comma-separated params/tags to group by (tags first: device is the device used)")
+    parser.add_argument("--metrics", help="comma-separated metrics (default: accuracies, times, throughput, memory)")
+    parser.add_argument("--spread", default="range", help="spread across repeats: range, iqr or std")
+    parser.add_argument("--baseline", metavar="KEY=VALUE[,...]",
+                        help="baseline group for speed-ups, e.g. device=cpu,precision=fp32 (default: first row)")
+    parser.add_argument("--format", help="md, csv, json, html or latex (default: from --output's suffix, else md)")
+    parser.add_argument("--output", help="file to write (default: stdout)")
+    parser.add_argument("--plot", metavar="DIR", help="write PNG charts (accuracy vs time, speed-ups) to DIR")
+    parser.add_argument("--accuracy-metric", default="test_accuracy", help="y axis of the accuracy-vs-time chart")
+    parser.add_argument("--time-metric", default="train_seconds", help="x axis and speed-up chart metric")
+    _add_tracking_args(parser)
+    parser.set_defaults(handler=_report)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .report import comparison_table, export_table, format_for_path, load_runs, parse_baseline, write_plots
+    from .tracking import resolve_tracking_uri
+
+    group_by = _split(args.group_by)
+    runs = load_runs(resolve_tracking_uri(args.tracking_uri), args.experiment, args.filter, args.status)
+    table = comparison_table(runs, group_by, _split(args.metrics), args.spread,
+                             parse_baseline(args.baseline) if args.baseline else None)
+    text = export_table(table, args.format or (args.output and format_for_path(args.output)) or "md")
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        print(text)
+    if args.plot:
+        for path in write_plots(runs, table, group_by, args.plot, args.accuracy_metric, args.time_metric):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _add_study_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("study", help="Optuna studies declared as TOML files (studies/*.toml)")
+    study_commands = parser.add_subparsers(dest="study_command", required=True)
+    run = study_commands.add_parser("run", help="run a study, or resume it up to its target of finished trials")
+    run.add_argument("spec", metavar="FILE", help="study spec, e.g. studies/mnist_mlp_quick.toml")
+    run.add_argument("--n-trials", type=int, help="target of finished (complete + pruned) trials, in total")
+    run.add_argument("--timeout", type=float, help="seconds after which each worker starts no new trial")
+    run.add_argument("--storage", help="Optuna RDB storage URL, e.g. postgresql://postgres@127.0.0.1/optuna "
+                                       "(default: sqlite:///<cwd>/mlruns/studies/<name>.db)")
+    run.add_argument("--workers", type=int, default=1, help="local worker processes on the same storage")
+    run.add_argument("--heartbeat-interval", type=int,
+                     help="seconds between trial heartbeats (default: 10); a trial silent for 3 of them is "
+                          "failed and retried")
+    run.add_argument("--device", help=f"override the spec's device: {', '.join(DEVICES)}")
+    run.add_argument("--precision", help=f"override the spec's precision: {', '.join(PRECISIONS)}")
+    _add_data_args(run)
+    _add_tracking_args(run)
+    run.set_defaults(handler=_study_run)
+    show = study_commands.add_parser("show", help="print the best trials and each parameter's importance")
+    _add_stored_study_args(show)
+    show.add_argument("--limit", type=int, default=10, help="trials to list (default: 10)")
+    show.set_defaults(handler=_study_show)
+    export = study_commands.add_parser("export", help="export the trials table (study.trials_dataframe())")
+    _add_stored_study_args(export)
+    export.add_argument("--format", default="md", help="md, csv or html (also json, latex)")
+    export.add_argument("--output", help="file to write (default: stdout)")
+    export.set_defaults(handler=_study_export)
+
+
+def _add_stored_study_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="study name")
+    parser.add_argument("--storage", help="Optuna storage URL (default: sqlite:///<cwd>/mlruns/studies/<name>.db)")
+
+
+def _study_run(args: argparse.Namespace) -> int:
+    from .spec import load_spec
+    from .study import configure_logging, make_job, redact, run_study
+
+    spec = load_spec(args.spec).with_overrides(
+        n_trials=args.n_trials, timeout=args.timeout, device=args.device, precision=args.precision,
+        data_dir=args.data_dir, download=args.download or None)
+    job = make_job(spec, args.storage, args.tracking_uri, args.workers, args.heartbeat_interval)
+    configure_logging()
+    print(f"study {spec.name}: target {spec.target_trials()} finished trials, {job.workers} worker(s), "
+          f"storage {redact(job.storage_url)}, tracking {job.tracking_uri}", flush=True)
+    outcome = run_study(job)
+    print(outcome.describe())
+    return 0 if outcome.status == "FINISHED" else 1
+
+
+def _study_show(args: argparse.Namespace) -> int:
+    from .study import describe_importances, describe_study, open_existing_study
+
+    study = open_existing_study(args.name, args.storage)
+    print(describe_study(study, args.limit))
+    print()
+    print(describe_importances(study))
+    return 0
+
+
+def _study_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .study import export_trials, open_existing_study
+
+    text = export_trials(open_existing_study(args.name, args.storage), args.format)
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("bench", help="device x precision benchmark matrix from a TOML file")
+    parser.add_argument("spec", metavar="FILE", help="benchmark file, e.g. benchmarks/quick.toml")
+    parser.add_argument("--repeats", type=int, help="repeats per cell (default: the file's, else 3)")
+    parser.add_argument("--epochs", type=int, help="epochs per repeat for every cell (default: the file's)")
+    parser.add_argument("--device", action="append", choices=("cpu", "cuda"),
+                        help="run only the cells on this device, plus their baseline cells (repeatable)")
+    parser.add_argument("--experiment", help="MLflow experiment name (default: bench-<benchmark name>)")
+    parser.add_argument("--format", default="md", help="table format: md, csv, json, html or latex")
+    parser.add_argument("--output", help="also write the table to this file")
+    _add_data_args(parser)
+    _add_tracking_args(parser)
+    parser.set_defaults(handler=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .bench import load_spec, render_table, run_benchmark
+    from .report import EXPORT_FORMATS
+
+    if args.format not in EXPORT_FORMATS:
+        raise UsageError(f"--format: {args.format!r} is not allowed; choose one of: {', '.join(EXPORT_FORMATS)}")
+    spec = load_spec(args.spec, repeats=args.repeats, devices=args.device, epochs=args.epochs,
+                     data_dir=args.data_dir, download=args.download or None)
+    print(f"benchmark {spec.name}: {len(spec.cells)} cells x {spec.repeats} repeats", file=sys.stderr, flush=True)
+    report = run_benchmark(spec, args.tracking_uri, args.experiment,
+                           on_cell=lambda outcome: print(outcome.describe(), file=sys.stderr, flush=True))
+    text = render_table(report.table, args.format)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    print(f"mlflow parent run {report.parent_run_id} in experiment {report.experiment!r} at {report.tracking_uri}",
+          file=sys.stderr)
+    return 1 if report.failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sweepbench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     _add_train_parser(commands)
     commands.add_parser("models", help="list registered models").set_defaults(handler=_list_models)
     commands.add_parser("datasets", help="list registered datasets").set_defaults(handler=_list_datasets)
+    _add_ui_parser(commands)
+    _add_report_parser(commands)
+    _add_study_parser(commands)
+    _add_bench_parser(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for chatty in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         return args.handler(args)
     except (ConfigError, DataNotFoundError, UsageError) as exc:

@@ -1,0 +1,357 @@
+"""Study specs: TOML files in ``studies/`` describing an Optuna study, validated on load.
+
+A spec is ``name``, ``model``, ``dataset`` and the tables ``[train]`` (fixed ``RunConfig`` fields),
+``[objective]`` (one table, or an array of two for a Pareto study), ``[sampler]``, ``[pruner]``, ``[budget]``
+and ``[search.<field>]``, where ``<field>`` is any ``RunConfig`` field or ``model_kwargs.<arg>`` /
+``dataset_kwargs.<arg>``. Every error names the file, the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .config import ConfigError, RunConfig, field_names
+from .data import get_dataset_entry
+from .models import get_model_entry
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+SAMPLERS = ("tpe", "random", "cmaes", "gp", "grid")
+PRUNERS = ("median", "hyperband", "none")
+PARAM_TYPES = ("int", "float", "categorical")
+DIRECTIONS = ("maximize", "minimize")
+METRIC_DIRECTIONS = {"val_accuracy": "maximize", "val_loss": "minimize", "train_seconds": "minimize"}
+EPOCH_METRICS = ("val_accuracy", "val_loss")
+KWARGS_FIELDS = ("model_kwargs", "dataset_kwargs")
+
+TOP_KEYS = ("name", "description", "model", "dataset", "train", "objective", "sampler", "pruner", "budget", "search")
+SAMPLER_KEYS = ("name", "seed", "n_startup_trials")
+PRUNER_KEYS = {"median": ("name", "n_startup_trials", "n_warmup_steps"),
+               "hyperband": ("name", "min_resource", "reduction_factor"),
+               "none": ("name",)}
+PRUNER_MINIMUMS = {"min_resource": 1, "reduction_factor": 2}
+BUDGET_KEYS = ("n_trials", "timeout", "max_failed_trials")
+OBJECTIVE_KEYS = ("metric", "direction")
+PARAM_KEYS = {"int": ("type", "low", "high", "step", "log"),
+              "float": ("type", "low", "high", "step", "log"),
+              "categorical": ("type", "choices")}
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+NOT_SEARCHABLE = ("model", "dataset", "data_dir", "download", "checkpoint_dir", "resume", *KWARGS_FIELDS)
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str
+    direction: str
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One search-space dimension; ``name`` is a ``RunConfig`` field, dotted for model/dataset kwargs."""
+
+    name: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    choices: tuple = ()
+
+    def grid_values(self) -> list:
+        """The values a grid sampler walks through; needs choices or a step."""
+        if self.type == "categorical":
+            return list(self.choices)
+        step = self.step or 1  # an int range without a step walks every integer
+        count = int(round((self.high - self.low) / step)) + 1
+        values = [self.low + index * step for index in range(count)]
+        return [int(v) for v in values] if self.type == "int" else values
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    base_config: RunConfig
+    objectives: tuple[Objective, ...]
+    search: tuple[ParamSpec, ...]
+    sampler: str = "tpe"
+    sampler_seed: int | None = None
+    sampler_startup_trials: int | None = None
+    pruner: str = "median"
+    pruner_options: dict[str, int] = dataclasses.field(default_factory=dict)
+    n_trials: int = 20
+    timeout: float | None = None
+    max_failed_trials: int = 20
+    description: str = ""
+    source: str = ""
+
+    @property
+    def directions(self) -> list[str]:
+        return [objective.direction for objective in self.objectives]
+
+    @property
+    def metric_names(self) -> list[str]:
+        return [objective.metric for objective in self.objectives]
+
+    def with_overrides(self, n_trials: int | None = None, timeout: float | None = None,
+                       **config_changes: Any) -> StudySpec:
+        """The same spec with a new budget and fixed training settings (``None`` keeps a value)."""
+        changes = {key: value for key, value in config_changes.items() if value is not None}
+        return dataclasses.replace(
+            self,
+            base_config=self.base_config.replace(**changes),
+            n_trials=self.n_trials if n_trials is None else _positive_int("--n-trials", n_trials),
+            timeout=self.timeout if timeout is None else _positive_number("--timeout", timeout),
+        )
+
+    def target_trials(self) -> int:
+        """``n_trials``, capped at the grid's size for the grid sampler (it has nothing more to try)."""
+        if self.sampler != "grid":
+            return self.n_trials
+        return min(self.n_trials, math.prod(len(param.grid_values()) for param in self.search))
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study spec {path} not found")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_spec(data, str(path))
+
+
+def parse_spec(data: dict[str, Any], source: str = "<spec>") -> StudySpec:
+    """Validates a parsed TOML document; a ``ConfigError`` names ``source`` and the bad field."""
+    try:
+        return _parse(data, source)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+
+
+def _parse(data: dict[str, Any], source: str) -> StudySpec:
+    _check_keys("spec", data, TOP_KEYS)
+    for required in ("name", "model", "dataset", "search"):
+        if required not in data:
+            raise ConfigError(f"{required}: missing; a study spec needs {', '.join(('name', 'model', 'dataset'))} "
+                              "and a [search] table")
+    name = _string("name", data["name"])
+    if not NAME_PATTERN.fullmatch(name):
+        raise ConfigError(f"name: {name!r} names files and databases; use letters, digits, '_', '.', '-'")
+    base_config = _base_config(data)
+    objectives = _objectives(data.get("objective", {"metric": "val_accuracy"}))
+    search = tuple(_param(key, value, base_config) for key, value in _table("search", data["search"]).items())
+    if not search:
+        raise ConfigError("search: empty; give at least one [search.<field>] table")
+    for param in search:
+        if param.name in data.get("train", {}):
+            raise ConfigError(f"search.{param.name}: also fixed in [train]; keep it in one place")
+    sampler = _table("sampler", data.get("sampler", {}))
+    _check_keys("sampler", sampler, SAMPLER_KEYS)
+    sampler_name = _choice("sampler.name", sampler.get("name", "tpe"), SAMPLERS)
+    pruner = _table("pruner", data.get("pruner", {}))
+    default_pruner = "median" if len(objectives) == 1 else "none"
+    pruner_name = _choice("pruner.name", pruner.get("name", default_pruner), PRUNERS)
+    _check_keys(f"pruner ({pruner_name})", pruner, PRUNER_KEYS[pruner_name])
+    budget = _table("budget", data.get("budget", {}))
+    _check_keys("budget", budget, BUDGET_KEYS)
+    n_trials = _positive_int("budget.n_trials", budget.get("n_trials", 20))
+    spec = StudySpec(
+        name=name, base_config=base_config, objectives=objectives, search=search,
+        sampler=sampler_name,
+        sampler_seed=_optional(sampler.get("seed"), lambda v: _int("sampler.seed", v)),
+        sampler_startup_trials=_optional(sampler.get("n_startup_trials"),
+                                         lambda v: _positive_int("sampler.n_startup_trials", v)),
+        pruner=pruner_name,
+        pruner_options={key: _positive_int(f"pruner.{key}", value, minimum=PRUNER_MINIMUMS.get(key, 0))
+                        for key, value in pruner.items() if key != "name"},
+        n_trials=n_trials,
+        timeout=_optional(budget.get("timeout"), lambda v: _positive_number("budget.timeout", v)),
+        max_failed_trials=_positive_int("budget.max_failed_trials", budget.get("max_failed_trials", n_trials)),
+        description=_string("description", data.get("description", ""), allow_empty=True),
+        source=source,
+    )
+    _check_combination(spec)
+    return spec
+
+
+def _base_config(data: dict[str, Any]) -> RunConfig:
+    get_model_entry(_string("model", data["model"]))
+    get_dataset_entry(_string("dataset", data["dataset"]))
+    train = _table("train", data.get("train", {}))
+    for key in ("model", "dataset"):
+        if key in train:
+            raise ConfigError(f"train.{key}: set {key} at the top level of the spec, not in [train]")
+    _check_keys("train", train, [name for name in field_names() if name not in ("model", "dataset")])
+    try:
+        config = RunConfig.from_dict({"model": data["model"], "dataset": data["dataset"], **train})
+    except ConfigError as exc:
+        raise ConfigError(f"train.{exc}") from exc
+    _check_model_kwargs("train.model_kwargs", config.model, config.model_kwargs)
+    return config
+
+
+def _objectives(raw: Any) -> tuple[Objective, ...]:
+    tables = [raw] if isinstance(raw, dict) else raw
+    if not isinstance(tables, list) or not 1 <= len(tables) <= 2:
+        raise ConfigError("objective: expected one table, or an array of two tables for a Pareto study")
+    objectives = []
+    for index, table in enumerate(tables):
+        label = "objective" if len(tables) == 1 else f"objective[{index}]"
+        table = _table(label, table)
+        _check_keys(label, table, OBJECTIVE_KEYS)
+        metric = _choice(f"{label}.metric", table.get("metric", "val_accuracy"), tuple(METRIC_DIRECTIONS))
+        direction = _choice(f"{label}.direction", table.get("direction", METRIC_DIRECTIONS[metric]), DIRECTIONS)
+        objectives.append(Objective(metric, direction))
+    if len(objectives) == 2 and objectives[0].metric == objectives[1].metric:
+        raise ConfigError(f"objective: both objectives are {objectives[0].metric!r}; a Pareto study needs two metrics")
+    return tuple(objectives)
+
+
+def _param(name: str, raw: Any, base_config: RunConfig) -> ParamSpec:
+    label = f"search.{name}"
+    table = _table(label, raw)
+    _check_search_field(name, base_config)
+    kind = _choice(f"{label}.type", table.get("type"), PARAM_TYPES)
+    _check_keys(f"{label} ({kind})", table, PARAM_KEYS[kind])
+    if kind == "categorical":
+        choices = table.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise ConfigError(f"{label}.choices: expected a non-empty array of values")
+        param = ParamSpec(name, kind, choices=tuple(choices))
+    else:
+        param = _numeric_param(label, name, kind, table)
+    _check_values(label, param, base_config)
+    return param
+
+
+def _numeric_param(label: str, name: str, kind: str, table: dict[str, Any]) -> ParamSpec:
+    number = _int if kind == "int" else _number
+    for key in ("low", "high"):
+        if key not in table:
+            raise ConfigError(f"{label}.{key}: missing; a {kind} parameter needs low and high")
+    low, high = number(f"{label}.low", table["low"]), number(f"{label}.high", table["high"])
+    log = table.get("log", False)
+    if not isinstance(log, bool):
+        raise ConfigError(f"{label}.log: expected true or false, got {log!r}")
+    step = _optional(table.get("step"), lambda v: _positive_number(f"{label}.step", number(f"{label}.step", v)))
+    if low > high:
+        raise ConfigError(f"{label}: low ({low}) must be <= high ({high})")
+    if log and low <= 0:
+        raise ConfigError(f"{label}.low: {low} must be > 0 with log = true")
+    if log and step is not None and not (kind == "int" and step == 1):
+        raise ConfigError(f"{label}: log = true cannot be combined with step")
+    return ParamSpec(name, kind, low=low, high=high, step=step, log=log)
+
+
+def _check_search_field(name: str, base_config: RunConfig) -> None:
+    head, dot, arg = name.partition(".")
+    if dot:
+        if head not in KWARGS_FIELDS or not arg:
+            raise ConfigError(f"search.{name}: dotted names must be model_kwargs.<arg> or dataset_kwargs.<arg>")
+        if head == "model_kwargs":
+            _check_model_kwargs(f"search.{name}", base_config.model, {arg: None})
+        if arg in getattr(base_config, head):
+            raise ConfigError(f"search.{name}: also fixed in [train].{head}; keep it in one place")
+        return
+    allowed = [field for field in field_names() if field not in NOT_SEARCHABLE]
+    if name not in allowed:
+        raise ConfigError(f"search.{name}: not a searchable field; allowed: {', '.join(allowed)}, "
+                          "model_kwargs.<arg>, dataset_kwargs.<arg>")
+
+
+def _check_model_kwargs(label: str, model: str, kwargs: dict[str, Any]) -> None:
+    allowed = get_model_entry(model).defaults()
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{label}: {unknown} not accepted by model {model!r}; allowed: {', '.join(allowed)}")
+
+
+def _check_values(label: str, param: ParamSpec, base_config: RunConfig) -> None:
+    """Runs the endpoints and choices of a top-level field through ``RunConfig`` validation."""
+    if "." in param.name:
+        return
+    values = param.choices if param.type == "categorical" else (param.low, param.high)
+    for value in values:
+        try:
+            base_config.replace(**{param.name: value})
+        except ConfigError as exc:
+            raise ConfigError(f"{label}: {exc}") from exc
+
+
+def _check_combination(spec: StudySpec) -> None:
+    if spec.pruner != "none" and len(spec.objectives) > 1:
+        raise ConfigError(f"pruner.name: {spec.pruner!r} cannot prune a multi-objective study; use 'none'")
+    if spec.pruner != "none" and spec.objectives[0].metric not in EPOCH_METRICS:
+        raise ConfigError(f"pruner.name: {spec.pruner!r} needs a per-epoch first objective "
+                          f"({', '.join(EPOCH_METRICS)}); use 'none' for {spec.objectives[0].metric!r}")
+    if spec.sampler_startup_trials is not None and spec.sampler in ("random", "grid"):
+        raise ConfigError(f"sampler.n_startup_trials: the {spec.sampler!r} sampler has no startup phase; "
+                          "it applies to tpe, gp, cmaes")
+    if spec.sampler == "cmaes" and len(spec.objectives) > 1:
+        raise ConfigError("sampler.name: 'cmaes' is single-objective; choose one of: tpe, random, gp, grid")
+    if spec.sampler == "grid":
+        for param in spec.search:
+            if param.type == "float" and param.step is None:
+                raise ConfigError(f"search.{param.name}: the grid sampler needs a step (or type categorical)")
+
+
+def _table(label: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{label}: expected a table, got {value!r}")
+    return value
+
+
+def _check_keys(label: str, table: dict[str, Any], allowed: Sequence[str]) -> None:
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{label}: unknown key(s) {unknown}; allowed: {', '.join(allowed)}")
+
+
+def _choice(label: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ConfigError(f"{label}: {value!r} is not allowed; choose one of: {', '.join(allowed)}")
+    return value
+
+
+def _string(label: str, value: Any, allow_empty: bool = False) -> str:
+    if not isinstance(value, str) or not (value or allow_empty):
+        raise ConfigError(f"{label}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _int(label: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{label}: expected an integer, got {value!r}")
+    return value
+
+
+def _number(label: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{label}: expected a number, got {value!r}")
+    return float(value)
+
+
+def _positive_int(label: str, value: Any, minimum: int = 1) -> int:
+    if _int(label, value) < minimum:
+        raise ConfigError(f"{label}: {value!r} is out of range; it must be >= {minimum}")
+    return value
+
+
+def _positive_number(label: str, value: Any) -> float:
+    if _number(label, value) <= 0:
+        raise ConfigError(f"{label}: {value!r} is out of range; it must be > 0")
+    return value
+
+
+def _optional(value: Any, check: Callable[[Any], Any]) -> Any:
+    return None if value is None else check(value)

@@ -1,0 +1,257 @@
+"""The device x precision matrix: spec validation, grid expansion, and real benchmarks on real MNIST with a real
+SQLite MLflow store."""
+
+import io
+import math
+import re
+
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from sweepbench.bench import PRECISIONS, add_comparisons, load_spec, parse_spec, run_benchmark, skip_reason
+from sweepbench.config import ConfigError
+from tests.conftest import PROJECT_ROOT, requires_cuda, run_cli
+
+BENCHMARKS = PROJECT_ROOT / "benchmarks"
+CUDA_PRECISIONS = [p for p in PRECISIONS if p.startswith("cuda/")]
+
+SMALL_MNIST = """
+[benchmark]
+name = "small"
+repeats = 2
+{benchmark}
+
+[grid]
+precisions = {precisions}
+{grid}
+
+[defaults]
+dataset = "mnist"
+train_subset = 2000
+val_size = 1000
+epochs = 2
+optimizer = "adadelta"
+lr = 1.0
+target_accuracy = 0.5
+
+[[models]]
+model = "mnist_mlp"
+model_kwargs = {{ hidden_size = 32 }}
+{model}
+"""
+
+
+def small_spec(tmp_path, data_dir, precisions=("cpu/fp32",), benchmark="", grid="", model="", extra=""):
+    path = tmp_path / "small.toml"
+    path.write_text(SMALL_MNIST.format(precisions=list(precisions), benchmark=benchmark, grid=grid, model=model)
+                    + extra)
+    return load_spec(path, data_dir=str(data_dir))
+
+
+def sqlite_uri(tmp_path) -> str:
+    return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def children(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list:
+    return client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=1000)
+
+
+@pytest.mark.parametrize("name", ["quick", "devices", "gpu", "loaders"])
+def test_shipped_benchmark_files_load_with_timed_epochs(name):
+    spec = load_spec(BENCHMARKS / f"{name}.toml")
+    assert spec.name == name and spec.repeats >= 2 and spec.warmup_epochs == 1
+    assert all(cell.config.epochs > spec.warmup_epochs for cell in spec.cells)
+    assert any(cell.device == "cuda" for cell in spec.cells)
+
+
+def test_devices_file_covers_every_model_and_precision_and_gpu_file_the_targets():
+    devices = load_spec(BENCHMARKS / "devices.toml")
+    assert {(cell.model, cell.precision) for cell in devices.cells} == {
+        (model, precision) for model in ("mnist_mlp", "cifar_lenet", "cifar_cnn") for precision in PRECISIONS}
+    gpu = load_spec(BENCHMARKS / "gpu.toml")
+    mnist = [cell.config for cell in gpu.cells if cell.model == "mnist_mlp"]
+    assert all((c.epochs, c.batch_size, c.optimizer, c.lr, c.lr_gamma, c.train_subset) == (14, 64, "adadelta", 1.0,
+                                                                                          0.7, None) for c in mnist)
+    assert {cell.batch_size for cell in gpu.cells if cell.model == "cifar_cnn"} == {256, 512}
+    loaders = load_spec(BENCHMARKS / "loaders.toml")
+    assert loaders.baseline == {"loader": "torchvision"}
+    assert {cell.loader for cell in loaders.cells} == {"torchvision", "device"}
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(precisions=["cpu/fp16"]), r"grid.precisions: 'cpu/fp16' is not allowed; choose one of: cpu/fp32, cpu/bf16"),
+    (dict(grid='loaders = ["gpu"]'), r"grid.loaders: 'gpu' is not allowed; choose one of: device, torchvision"),
+    (dict(grid="compile = [1]"), r"grid.compile: 1 is not allowed; choose one of: false, true"),
+    (dict(grid="batch_sizes = [64, 64]"), r"grid.batch_sizes: \[64, 64\] lists a value twice"),
+    (dict(grid="threads = [1]"), r"grid: unknown key\(s\) \['threads'\]; allowed: precisions, loaders"),
+    (dict(model='device = "cuda"'), r"models\[0\].device: set it through grid.precisions"),
+    (dict(model="epochs = 1"), r"models\[0\].epochs: 1 leaves no timed epoch; .* must be >= 2"),
+    (dict(model="learning_rate = 0.1"), r"models\[0\]: unknown config field\(s\) \['learning_rate'\]"),
+    (dict(extra='[[models]]\nmodel = "cifar_lenet"\nmodel_kwargs = { width = 3 }\n'),
+     r"models\[1\].model_kwargs: \['width'\] not accepted by model 'cifar_lenet'"),
+    (dict(model='precisions = ["cuda/fp16"]'), r"benchmark.baseline: .* has no cell to compare"),
+    (dict(benchmark="accuracy_tolerance = 2"), r"benchmark.accuracy_tolerance: 2 is out of range"),
+    (dict(benchmark="baseline = { device = 'cpu' }"), r"benchmark.baseline: unknown key\(s\) \['device'\]"),
+    (dict(benchmark="warmup = 1"), r"benchmark: unknown key\(s\) \['warmup'\]; allowed: name, description"),
+    (dict(extra="[extras]\n"), r"benchmark file: unknown key\(s\) \['extras'\]"),
+])
+def test_bad_spec_errors_name_the_field_and_the_allowed_values(tmp_path, data_dir, changes, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        small_spec(tmp_path, data_dir, **changes)
+    assert str(tmp_path / "small.toml") in str(error.value)
+
+
+def test_unreadable_or_missing_files_are_config_errors(tmp_path):
+    (tmp_path / "broken.toml").write_text("[benchmark\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_spec(tmp_path / "broken.toml")
+    with pytest.raises(ConfigError, match="not found"):
+        load_spec(tmp_path / "absent.toml")
+
+
+def test_grid_expands_every_axis_and_a_model_can_override_one(tmp_path, data_dir):
+    spec = small_spec(tmp_path, data_dir, precisions=("cpu/fp32", "cuda/fp16"),
+                      grid='loaders = ["device", "torchvision"]\ncompile = [false, true]',
+                      extra='\n[[models]]\nmodel = "cifar_lenet"\ndataset = "cifar10"\nbatch_sizes = [128, 256]\n')
+    mnist = [cell for cell in spec.cells if cell.model == "mnist_mlp"]
+    lenet = [cell for cell in spec.cells if cell.model == "cifar_lenet"]
+    assert len(mnist) == 2 * 2 * 2 and len(lenet) == 2 * 2 * 2 * 2
+    assert {cell.batch_size for cell in lenet} == {128, 256} and {cell.batch_size for cell in mnist} == {64}
+    for cell in spec.cells:
+        device, precision = cell.precision.split("/")
+        assert (cell.config.device, cell.config.precision) == (device, precision)
+        assert (cell.config.loader, cell.config.compile, cell.config.batch_size) == (cell.loader, cell.compile,
+                                                                                   cell.batch_size)
+    assert len({cell.key for cell in spec.cells}) == len(spec.cells)
+
+
+def test_overrides_and_the_device_filter_keep_the_baselines(tmp_path, data_dir):
+    path = tmp_path / "small.toml"
+    small_spec(tmp_path, data_dir, precisions=PRECISIONS)
+    spec = load_spec(path, repeats=5, devices=["cuda"], epochs=3, data_dir=str(data_dir))
+    assert spec.repeats == 5 and all(cell.config.epochs == 3 for cell in spec.cells)
+    assert [cell.precision for cell in spec.cells] == ["cpu/fp32", *CUDA_PRECISIONS]
+
+
+def test_a_device_without_hardware_is_a_skip_reason():
+    assert skip_reason("cpu/fp32") is None and skip_reason("cpu/bf16") is None
+    if not torch.cuda.is_available():
+        assert all(skip_reason(precision) == "CUDA not available" for precision in CUDA_PRECISIONS)
+
+
+def test_speed_up_and_accuracy_flags_follow_the_baseline_and_tolerance(tmp_path, data_dir):
+    spec = small_spec(tmp_path, data_dir, precisions=("cpu/fp32", "cpu/bf16", "cuda/fp16"),
+                      grid="batch_sizes = [64, 128]", benchmark="accuracy_tolerance = 0.01")
+    measured = {("cpu/fp32", 64): (2.0, 0.90), ("cpu/bf16", 64): (4.0, 0.895), ("cpu/fp32", 128): (1.0, 0.95),
+                ("cpu/bf16", 128): (0.5, 0.93)}
+    rows = [measured.get((cell.precision, cell.batch_size), (math.nan, math.nan)) for cell in spec.cells]
+    table = add_comparisons(pd.DataFrame(rows, columns=["epoch_s_median", "test_accuracy"]), spec.cells,
+                            spec.baseline, spec.accuracy_tolerance)
+    by_cell = {(cell.precision, cell.batch_size): row for cell, (_, row) in zip(spec.cells, table.iterrows())}
+    assert by_cell["cpu/fp32", 64].speedup == 1 and by_cell["cpu/fp32", 64].accuracy_flag is False
+    assert by_cell["cpu/bf16", 64].speedup == 0.5 and by_cell["cpu/bf16", 64].accuracy_flag is False
+    assert by_cell["cpu/bf16", 128].speedup == 2 and by_cell["cpu/bf16", 128].accuracy_flag is True
+    assert by_cell["cpu/bf16", 128].accuracy_delta == pytest.approx(-0.02)
+    assert math.isnan(by_cell["cuda/fp16", 64].speedup) and by_cell["cuda/fp16", 64].accuracy_flag is None
+
+
+def _parent_run_id(stderr: str) -> str:
+    return re.search(r"mlflow parent run (\w+)", stderr).group(1)
+
+
+@pytest.mark.slow
+def test_quick_grid_on_cpu_fills_the_cpu_rows_and_skips_cuda_with_mlflow_runs(tmp_path, data_dir):
+    output = tmp_path / "quick.csv"
+    completed = run_cli("bench", str(BENCHMARKS / "quick.toml"), "--data-dir", str(data_dir), "--repeats", "2",
+                        "--epochs", "2", "--tracking-uri", sqlite_uri(tmp_path), "--format", "csv",
+                        "--output", str(output), cwd=tmp_path, check=True)
+    table = pd.read_csv(output)
+    assert table.equals(pd.read_csv(io.StringIO(completed.stdout)))
+    assert list(table.model.unique()) == ["mnist_mlp", "cifar_lenet", "cifar_cnn"] and len(table) == 18
+    cpu, cuda = table[table.precision.str.startswith("cpu/")], table[table.precision.str.startswith("cuda/")]
+    assert set(cpu.precision) == {"cpu/fp32", "cpu/bf16"} and (cpu.status == "ok").all()
+    assert (cpu.repeats == 2).all() and (cpu.test_accuracy > 0.2).all() and (cpu.peak_memory_mb > 0).all()
+    assert (cpu.epoch_s_min <= cpu.epoch_s_median).all() and (cpu.epoch_s_median <= cpu.epoch_s_max).all()
+    assert (cpu.epoch_s_min < cpu.epoch_s_max).all(), "two repeats never time exactly alike"
+    if not torch.cuda.is_available():
+        assert len(cuda) == 12 and (cuda.status == "skipped: CUDA not available").all()
+        assert cuda[["epoch_s_median", "test_accuracy", "speedup"]].isna().all().all()
+    for model, rows in cpu.groupby("model"):
+        base = rows[rows.precision == "cpu/fp32"].iloc[0]
+        bf16 = rows[rows.precision == "cpu/bf16"].iloc[0]
+        assert base.speedup == 1 and base.accuracy_delta == 0 and not base.accuracy_flag
+        assert bf16.speedup == pytest.approx(base.epoch_s_median / bf16.epoch_s_median)
+        assert bf16.accuracy_flag == (bf16.test_accuracy - base.test_accuracy < -0.02)
+
+    client = MlflowClient(sqlite_uri(tmp_path))
+    parent = client.get_run(_parent_run_id(completed.stderr))
+    assert parent.info.status == "FINISHED" and parent.data.tags["device_name"]
+    cells = children(client, parent.info.experiment_id, parent.info.run_id)
+    assert len(cells) == 18 and client.get_experiment(parent.info.experiment_id).name == "bench-quick"
+    for run in cells:
+        tags = run.data.tags
+        skipped = tags["status"].startswith("skipped")
+        assert run.info.status == ("KILLED" if skipped else "FINISHED")
+        assert tags.get("skipped") == (tags["status"].removeprefix("skipped: ") if skipped else None)
+        repeats = children(client, parent.info.experiment_id, run.info.run_id)
+        assert len(repeats) == (0 if skipped else 2)
+        if not skipped:
+            assert run.data.metrics["speedup"] > 0 and {r.info.status for r in repeats} == {"FINISHED"}
+    artifacts = {item.path for item in client.list_artifacts(parent.info.run_id)}
+    assert {"table.csv", "table.md", "table.html", "speedup.png", "quick.toml"} <= artifacts
+    (tmp_path / "downloads").mkdir()
+    markdown = open(client.download_artifacts(parent.info.run_id, "table.md", str(tmp_path / "downloads"))).read()
+    assert "| ok " in markdown and "nan" not in markdown
+
+
+@pytest.mark.slow
+def test_loader_axis_compares_with_the_torchvision_reference(tmp_path, data_dir):
+    spec = small_spec(tmp_path, data_dir, precisions=("cpu/fp32", "cuda/fp32"),
+                      grid='loaders = ["torchvision", "device"]', benchmark='baseline = { loader = "torchvision" }')
+    report = run_benchmark(spec, sqlite_uri(tmp_path))
+    table = report.table.set_index(["precision", "loader"])
+    reference, device = table.loc[("cpu/fp32", "torchvision")], table.loc[("cpu/fp32", "device")]
+    assert reference.speedup == 1 and device.speedup == pytest.approx(reference.epoch_s_median /
+                                                                      device.epoch_s_median)
+    assert abs(device.test_accuracy - reference.test_accuracy) < 0.05
+    if not torch.cuda.is_available():
+        assert table.loc[("cuda/fp32", "device")].status == "skipped: CUDA not available"
+
+
+@pytest.mark.slow
+def test_a_worse_cell_is_flagged_and_a_diverging_cell_is_recorded_not_raised(tmp_path, data_dir):
+    diverging = '[[models]]\nlabel = "diverging"\nmodel = "mnist_mlp"\noptimizer = "sgd"\nlr = 1e6\nbatch_sizes = [64]\n'
+    spec = small_spec(tmp_path, data_dir, grid="batch_sizes = [64, 2000]",
+                      benchmark="baseline = { batch_size = 64 }\naccuracy_tolerance = 0.05", extra=diverging)
+    report = run_benchmark(spec, sqlite_uri(tmp_path), experiment="flags")
+    table = report.table.set_index(["model", "batch_size"])
+    assert table.loc[("mnist_mlp", 64)].accuracy_flag is False
+    one_step_per_epoch = table.loc[("mnist_mlp", 2000)]
+    assert one_step_per_epoch.accuracy_delta < -0.05 and one_step_per_epoch.accuracy_flag is True
+    assert table.loc[("diverging", 64)].status.startswith("diverged: ")
+    assert [outcome.cell.label for outcome in report.failed] == ["diverging cpu/fp32 device bs64"]
+    client = MlflowClient(sqlite_uri(tmp_path))
+    statuses = {run.data.tags["benchmark_cell"]: run.info.status
+                for run in children(client, client.get_run(report.parent_run_id).info.experiment_id,
+                                    report.parent_run_id)}
+    assert statuses == {"mnist_mlp cpu/fp32 device bs64": "FINISHED", "mnist_mlp cpu/fp32 device bs2000": "FINISHED",
+                        "diverging cpu/fp32 device bs64": "FAILED"}
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_cells_run_every_precision_against_cpu(tmp_path, data_dir):
+    spec = small_spec(tmp_path, data_dir, precisions=PRECISIONS,
+                      extra='\n[[models]]\nmodel = "cifar_cnn"\ndataset = "cifar10"\nbatch_sizes = [256]\n')
+    report = run_benchmark(spec, sqlite_uri(tmp_path))
+    for _, row in report.table.iterrows():
+        if row.precision == "cuda/bf16" and row.status.startswith("skipped"):
+            assert row.status.startswith("skipped: bf16 not supported by ")
+            continue
+        assert row.status == "ok" and row.repeats == 2 and row.peak_memory_mb > 0
+        assert row.speedup > 0 and row.epoch_s_min <= row.epoch_s_median <= row.epoch_s_max
+        assert row.model != "mnist_mlp" or row.test_accuracy > 0.5
+    assert {row.precision for _, row in report.table.iterrows() if row.status == "ok"} >= set(PRECISIONS) - {
+        "cuda/bf16"}
