@@ -155,9 +155,6 @@ def create_sampler(spec: StudySpec, seed: int | None) -> optuna.samplers.BaseSam
     if spec.sampler == "gp":
         return optuna.samplers.GPSampler(seed=seed, **startup)
     if spec.sampler == "cmaes":
-        if importlib.util.find_spec("cmaes") is None:
-            raise ConfigError("sampler.name: 'cmaes' needs the cmaes package (pip install cmaes); "
-                              "or choose one of: tpe, random, gp, grid")
         return optuna.samplers.CmaEsSampler(seed=seed, **startup)
     return GridSampler({param.name: param.grid_values() for param in spec.search}, seed=seed)
 
