@@ -173,6 +173,7 @@ def test_quick_grid_on_cpu_fills_the_cpu_rows_and_skips_cuda_with_mlflow_runs(tm
     cpu, cuda = table[table.precision.str.startswith("cpu/")], table[table.precision.str.startswith("cuda/")]
     assert set(cpu.precision) == {"cpu/fp32", "cpu/bf16"} and (cpu.status == "ok").all()
     assert (cpu.repeats == 2).all() and (cpu.test_accuracy > 0.2).all() and (cpu.peak_memory_mb > 0).all()
+    assert (cpu.samples_per_s > 0).all() and (cpu.train_s > 0).all() and (cpu.load_1m_max >= 0).all()
     assert (cpu.epoch_s_min <= cpu.epoch_s_median).all() and (cpu.epoch_s_median <= cpu.epoch_s_max).all()
     assert (cpu.epoch_s_min < cpu.epoch_s_max).all(), "two repeats never time exactly alike"
     if not torch.cuda.is_available():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -309,16 +310,19 @@ def _cell_tags(cell: Cell) -> dict[str, str]:
             "loader": cell.loader, "compile": str(cell.compile), "batch_size": str(cell.batch_size)}
 
 
-def _run_repeats(cell: Cell, repeats: int, tracking: _Tracking, cell_run_id: str) -> list[RunResult]:
-    results = []
+def _run_repeats(cell: Cell, repeats: int, tracking: _Tracking,
+                 cell_run_id: str) -> tuple[list[RunResult], list[float]]:
+    """The repeats' results, and the 1-minute load average after each: other work on the machine shows there."""
+    results, loads = [], []
     for repeat in range(1, repeats + 1):
         logger = MlflowLogger(tracking.experiment, tracking.tracking_uri, run_name=f"{cell.label} repeat {repeat}",
                               parent_run_id=cell_run_id, tags={"repeat": str(repeat)}, log_model=False,
                               log_artifacts=False)
         results.append(train(cell.config.replace(seed=cell.config.seed + repeat - 1), [logger]))
+        loads.append(os.getloadavg()[0])
         if results[-1].status != "completed":
             break
-    return results
+    return results, loads
 
 
 def run_cell(cell: Cell, spec: BenchSpec, tracking: _Tracking) -> CellOutcome:
@@ -336,7 +340,7 @@ def run_cell(cell: Cell, spec: BenchSpec, tracking: _Tracking) -> CellOutcome:
         tracking.terminate(run_id, "KILLED", {"status": outcome.status, "skipped": reason})
         return outcome
     try:
-        results = _run_repeats(cell, spec.repeats, tracking, run_id)
+        results, loads = _run_repeats(cell, spec.repeats, tracking, run_id)
     except KeyboardInterrupt:
         tracking.terminate(run_id, "KILLED", {"status": "killed: interrupted"})
         raise
@@ -348,7 +352,7 @@ def run_cell(cell: Cell, spec: BenchSpec, tracking: _Tracking) -> CellOutcome:
             raise
         return outcome
     status = "ok" if results[-1].status == "completed" else f"{results[-1].status}: {results[-1].message}"
-    outcome = CellOutcome(cell, status, run_id, cell_figures(cell, results, spec.warmup_epochs))
+    outcome = CellOutcome(cell, status, run_id, cell_figures(cell, results, spec.warmup_epochs, loads))
     tracking.client.log_batch(run_id, metrics=_metrics(outcome.figures))
     tracking.terminate(run_id, "FINISHED" if status == "ok" else "FAILED", {"status": status})
     return outcome
@@ -366,8 +370,11 @@ def _median_or_none(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def cell_figures(cell: Cell, results: Sequence[RunResult], warmup_epochs: int) -> dict[str, Any]:
-    """A cell's figures over its completed repeats (None where none completed), as table columns."""
+def cell_figures(cell: Cell, results: Sequence[RunResult], warmup_epochs: int,
+                 loads: Sequence[float] = ()) -> dict[str, Any]:
+    """A cell's figures over its completed repeats (None where none completed), as table columns.
+    ``load_1m_max``: the highest 1-minute load average seen after a repeat; the benchmark alone makes it
+    about the number of torch threads, so a higher figure means other work shared the cores."""
     completed = [result for result in results if result.status == "completed"]
     timed = [result.history[warmup_epochs:] for result in completed]
     epoch_medians = [statistics.median(r.epoch_seconds for r in records) for records in timed]
@@ -386,6 +393,7 @@ def cell_figures(cell: Cell, results: Sequence[RunResult], warmup_epochs: int) -
         "target_reached": f"{len(reached)}/{len(completed)}" if target is not None and completed else None,
         "test_accuracy": _median_or_none([result.test_accuracy for result in completed]),
         "peak_memory_mb": max((result.peak_memory_mb for result in completed), default=None),
+        "load_1m_max": max(loads, default=None),
     }
 
 
