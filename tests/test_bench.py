@@ -10,7 +10,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from sweepbench.bench import PRECISIONS, add_comparisons, load_spec, parse_spec, run_benchmark, skip_reason
+from sweepbench.bench import PRECISIONS, add_comparisons, load_spec, run_benchmark, skip_reason
 from sweepbench.config import ConfigError
 from tests.conftest import PROJECT_ROOT, requires_cuda, run_cli
 
@@ -223,7 +223,8 @@ def test_loader_axis_compares_with_the_torchvision_reference(tmp_path, data_dir)
 
 @pytest.mark.slow
 def test_a_worse_cell_is_flagged_and_a_diverging_cell_is_recorded_not_raised(tmp_path, data_dir):
-    diverging = '[[models]]\nlabel = "diverging"\nmodel = "mnist_mlp"\noptimizer = "sgd"\nlr = 1e6\nbatch_sizes = [64]\n'
+    diverging = ('[[models]]\nlabel = "diverging"\nmodel = "mnist_mlp"\noptimizer = "sgd"\nlr = 1e6\n'
+                 'batch_sizes = [64]\n')
     spec = small_spec(tmp_path, data_dir, grid="batch_sizes = [64, 2000]",
                       benchmark="baseline = { batch_size = 64 }\naccuracy_tolerance = 0.05", extra=diverging)
     report = run_benchmark(spec, sqlite_uri(tmp_path), experiment="flags")

@@ -410,13 +410,11 @@ def add_comparisons(table: pd.DataFrame, cells: Sequence[Cell], baseline: dict[s
     the baseline's) and ``accuracy_flag`` (delta below ``-tolerance``); empty where either side has no figure."""
     row_of = {cell.key: index for index, cell in enumerate(cells)}
     base = [row_of.get(cell.baseline_key(baseline)) for cell in cells]
-    base_seconds = pd.Series([table["epoch_s_median"].iloc[i] if i is not None else None for i in base],
-                             dtype="float64")
-    base_accuracy = pd.Series([table["test_accuracy"].iloc[i] if i is not None else None for i in base],
-                              dtype="float64")
+    seconds, accuracy = (table[column].to_numpy(dtype="float64", na_value=math.nan)
+                         for column in ("epoch_s_median", "test_accuracy"))
     table = table.copy()
-    table["speedup"] = base_seconds / table["epoch_s_median"].astype("float64")
-    table["accuracy_delta"] = table["test_accuracy"].astype("float64") - base_accuracy
+    table["speedup"] = [math.nan if i is None else seconds[i] / own for i, own in zip(base, seconds)]
+    table["accuracy_delta"] = [math.nan if i is None else own - accuracy[i] for i, own in zip(base, accuracy)]
     table["accuracy_flag"] = [None if pd.isna(delta) else bool(delta < -tolerance)
                               for delta in table["accuracy_delta"]]
     return table
