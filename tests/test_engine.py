@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from sweepbench.config import ConfigError, RunConfig
-from sweepbench.engine import (Callback, StopTraining, evaluate, load_checkpoint, normalise, random_crop_flip,
-                               train)
+from sweepbench.engine import (Callback, StopTraining, build_optimizer, contiguous_parameters, evaluate,
+                               load_checkpoint, normalise, random_crop_flip, train, zero_gradients)
 from sweepbench.models import create_model
 from tests.conftest import requires_cuda
 
@@ -37,6 +37,31 @@ def test_short_run_on_real_mnist_improves_validation_accuracy(data_dir):
     assert sum(map(sum, result.confusion_matrix)) == 10000
     assert all(record.epoch_seconds > 0 and record.samples_per_second > 0 for record in result.history)
     assert [record.epoch for record in result.history] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("optimizer", ["adadelta", "adam", "sgd", "rmsprop"])
+def test_contiguous_parameters_train_like_separate_ones(optimizer):
+    """Three steps over one buffer give the weights PyTorch's optimizer gives over the separate tensors."""
+    torch.manual_seed(0)
+    separate, contiguous = create_model("cifar_cnn", hidden_size=16), create_model("cifar_cnn", hidden_size=16)
+    contiguous.load_state_dict(separate.state_dict())
+    buffers = contiguous_parameters(contiguous)
+    assert len(buffers) == 1 and buffers[0].numel() == sum(p.numel() for p in separate.parameters())
+    assert all(p.untyped_storage().data_ptr() == buffers[0].untyped_storage().data_ptr()
+               for p in contiguous.parameters())
+    config = RunConfig(optimizer=optimizer, lr=0.01, momentum=0.9 if optimizer == "sgd" else 0.0, weight_decay=1e-4)
+    reference = build_optimizer(config, list(separate.parameters()), torch.device("cpu"))
+    flat = build_optimizer(config, buffers, torch.device("cpu"))
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for _ in range(3):
+        reference.zero_grad()
+        torch.nn.functional.cross_entropy(separate(images), labels).backward()
+        reference.step()
+        zero_gradients(buffers)
+        torch.nn.functional.cross_entropy(contiguous(images), labels).backward()
+        flat.step()
+    for (name, expected), actual in zip(separate.state_dict().items(), contiguous.state_dict().values()):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_same_seed_gives_the_same_result_and_another_seed_does_not(data_dir):

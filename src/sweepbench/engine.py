@@ -27,7 +27,7 @@ from .config import ConfigError, RunConfig
 from .data import Dataset, PerSampleImageDataset, load_dataset
 from .models import check_model_kwargs, create_model
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: optimizer state is over the contiguous parameter buffers
 
 
 class StopTraining(Exception):
@@ -173,12 +173,42 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 FUSED_OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
-def build_optimizer(config: RunConfig, params: Iterator[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
-    """Fused kernels where PyTorch has them for this device, else the multi-tensor (foreach) path: PyTorch's
-    CPU default is a per-parameter Python loop, which costs a fifth of a small MLP's step time here."""
+def contiguous_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Moves the trainable parameters of ``module``, and their gradients, into one contiguous buffer per
+    (dtype, device) and returns those buffers, which the optimizer then updates instead of the many small
+    tensors: on a CPU a small model's optimizer step is mostly per-tensor kernel overhead (one Adadelta step of
+    the MNIST MLP: 0.36 ms over four tensors, 0.25 ms over one buffer). The module's parameters become views into
+    the buffers, so the model, its ``state_dict`` and ``torch.compile`` see no difference. Gradients stay
+    allocated: zero them with ``zero_gradients``, never ``set_to_none``, which would cut the views loose."""
+    groups: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
+    for param in module.parameters():
+        if param.requires_grad:
+            groups.setdefault((param.dtype, param.device), []).append(param)
+    return [_flatten(params) for params in groups.values()]
+
+
+def _flatten(params: list[nn.Parameter]) -> nn.Parameter:
+    buffer = nn.Parameter(torch.cat([param.detach().reshape(-1) for param in params]))
+    buffer.grad = torch.zeros_like(buffer)
+    offset = 0
+    for param in params:
+        size = param.numel()
+        param.data = buffer.data[offset:offset + size].view_as(param)
+        param.grad = buffer.grad[offset:offset + size].view_as(param)
+        offset += size
+    return buffer
+
+
+def zero_gradients(buffers: Sequence[nn.Parameter]) -> None:
+    for buffer in buffers:
+        buffer.grad.zero_()
+
+
+def build_optimizer(config: RunConfig, params: Sequence[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    """Fused kernels where PyTorch has them for this device, else its default for the device (a loop over
+    tensors on CPU, which is one tensor per ``contiguous_parameters`` buffer; multi-tensor kernels on CUDA)."""
     fused = config.optimizer in FUSED_OPTIMIZERS and device.type in ("cpu", "cuda")
-    kwargs: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay,
-                              **({"fused": True} if fused else {"foreach": True})}
+    kwargs: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay, **({"fused": True} if fused else {})}
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, momentum=config.momentum, nesterov=config.nesterov, **kwargs)
     if config.optimizer == "rmsprop":
@@ -241,10 +271,10 @@ class DeviceLoader:
         order = torch.randperm(len(self.labels), generator=generator, device=self.device)
         for start in range(0, len(order), self.config.batch_size):
             index = order[start:start + self.config.batch_size]
-            images = self.images[index]
+            images = self.images.index_select(0, index)  # half the time of self.images[index] on CPU
             if self.config.augment:
                 images = random_crop_flip(images, AUGMENT_PAD, generator)
-            yield images, self.labels[index]
+            yield images, self.labels.index_select(0, index)
 
 
 class TorchvisionLoader:
@@ -331,7 +361,8 @@ class _Run:
         torch.manual_seed(config.seed)
         self.module = create_model(config.model, **config.model_kwargs).to(self.device)
         self.model = torch.compile(self.module) if config.compile else self.module
-        self.optimizer = build_optimizer(config, self.module.parameters(), self.device)
+        self.parameter_buffers = contiguous_parameters(self.module)
+        self.optimizer = build_optimizer(config, self.parameter_buffers, self.device)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=1, gamma=config.lr_gamma)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         x_train, y_train = self.dataset.x_train, self.dataset.y_train
@@ -380,15 +411,16 @@ class _Run:
         return state
 
     def train_epoch(self, epoch: int) -> tuple[float, float]:
-        """One pass over the training split; returns (mean loss, seconds), synchronised on CUDA."""
+        """One pass over the training split; returns (mean loss, seconds), synchronised on CUDA. Batch losses
+        stay on the device until the pass ends: no per-step host sync or float64 arithmetic."""
         self.model.train()
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        batch_losses, batch_sizes = [], []
         _synchronize(self.device)
         started = time.perf_counter()
         for images, labels in self.loader.batches(epoch):
             with autocast(self.device, self.config.precision):
                 loss = F.cross_entropy(self.model(images), labels)
-            self.optimizer.zero_grad(set_to_none=True)
+            zero_gradients(self.parameter_buffers)
             if self.scaler.is_enabled():
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)
@@ -396,10 +428,12 @@ class _Run:
             else:
                 loss.backward()
                 self.optimizer.step()
-            loss_sum += loss.detach() * len(labels)
+            batch_losses.append(loss.detach())
+            batch_sizes.append(len(labels))
         _synchronize(self.device)
         seconds = time.perf_counter() - started
-        return loss_sum.item() / len(self.loader), seconds
+        sizes = torch.tensor(batch_sizes, dtype=torch.float64, device=self.device)
+        return (torch.stack(batch_losses).double() @ sizes).item() / len(self.loader), seconds
 
     def run_epoch(self, epoch: int) -> EpochRecord:
         lr = self.optimizer.param_groups[0]["lr"]
