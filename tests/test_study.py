@@ -305,17 +305,20 @@ def test_a_study_resumed_after_sigkill_ends_with_exactly_n_finished_and_none_run
 
 
 @pytest.mark.slow
-def test_ctrl_c_marks_the_current_trial_and_queues_it_again(tmp_path: Path, data_dir: Path) -> None:
+@pytest.mark.parametrize("signum, message", [(signal.SIGINT, "interrupted (Ctrl-C)"),
+                                             (signal.SIGTERM, "terminated (SIGTERM)")])
+def test_ctrl_c_or_sigterm_marks_the_current_trial_and_queues_it_again(tmp_path: Path, data_dir: Path, signum: int,
+                                                                        message: str) -> None:
     spec = write_spec(tmp_path, "interrupted", n_trials=3, epochs=3, subset=10000, seed=1)
     storage = sqlite_storage(tmp_path, "interrupted")
     process = start_cli(study_args(spec, data_dir), tmp_path)
     victim = wait_for_running_trial(tmp_path, "interrupted", process)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     output = process.communicate(timeout=120)[0]
-    assert process.returncode == 130, output
+    assert process.returncode == 128 + signum, output
     study = optuna.load_study(study_name="interrupted", storage=storage)
     assert study.trials[victim.number].state == TrialState.FAIL
-    assert study.trials[victim.number].user_attrs["error"] == "interrupted (Ctrl-C)"
+    assert study.trials[victim.number].user_attrs["error"] == message
     queued = study.get_trials(states=(TrialState.WAITING,))
     assert [trial.system_attrs[RETRY_HISTORY] for trial in queued] == [[victim.number]]
     assert not study.get_trials(states=(TrialState.RUNNING,))

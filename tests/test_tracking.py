@@ -169,13 +169,18 @@ def test_the_logged_model_loads_with_mlflow_and_predicts_like_the_checkpoint(cli
     assert {metric.key: metric.value for metric in logged.metrics}["test_accuracy"] == run.data.metrics["test_accuracy"]
     with fluent_tracking_uri(cli_run["uri"]):
         loaded = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+        served = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
         model_info = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model")
+        checkpoint = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="checkpoints/last.pt")
     assert model_info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 1, 28, 28)
+    trained = create_model("mnist_mlp", hidden_size=32)
+    trained.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
     mnist = load_dataset("mnist", data_dir)
     images = normalise(mnist.x_test[:500], mnist.mean, mnist.std)
     with torch.inference_mode():
-        predictions = loaded(images).argmax(1)
-    accuracy = (predictions == mnist.y_test[:500]).double().mean().item()
+        torch.testing.assert_close(loaded(images), trained.eval()(images))
+        torch.testing.assert_close(torch.as_tensor(served.predict(images.numpy())), trained(images))
+    accuracy = (loaded(images).argmax(1) == mnist.y_test[:500]).double().mean().item()
     assert accuracy > 0.8
 
 
@@ -245,24 +250,28 @@ def wait_for_first_epoch(client: MlflowClient, experiment_id: str, process: subp
 
 
 @pytest.mark.slow
-def test_ctrl_c_ends_the_run_killed(store, data_dir):
-    experiment_id = ensure_experiment("interrupted", store)  # tables exist before a second process opens it
+@pytest.mark.parametrize("signum, message", [(signal.SIGINT, "interrupted (Ctrl-C)"),
+                                             (signal.SIGTERM, "terminated (SIGTERM)")])
+def test_ctrl_c_or_sigterm_ends_the_run_killed(store, data_dir, signum, message):
+    experiment = f"interrupted-by-{signum.name}"  # its own experiment: the store is shared by the module's tests
+    experiment_id = ensure_experiment(experiment, store)  # tables exist before a second process opens it
     process = subprocess.Popen(
         [sys.executable, "-m", "sweepbench.cli", "train", *TRAIN_ARGS, "--epochs", "500", "--experiment",
-         "interrupted", "--tracking-uri", store, "--data-dir", str(data_dir)],
+         experiment, "--tracking-uri", store, "--data-dir", str(data_dir)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         client = MlflowClient(store)
         run_id = wait_for_first_epoch(client, experiment_id, process)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         _, stderr = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 130, stderr
+    assert process.returncode == 128 + signum, stderr
+    assert stderr.strip().endswith(f"sweepbench: {message}")
     run = client.get_run(run_id)
     assert run.info.status == "KILLED" and run.data.tags["status"] == "killed"
-    assert run.data.tags["stop_reason"] == "interrupted (Ctrl-C)"
+    assert run.data.tags["stop_reason"] == message
     assert client.search_runs([experiment_id], "attributes.status = 'RUNNING'") == []
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from typing import Sequence
 
 from .config import DEVICES, LOADERS, OPTIMIZERS, PRECISIONS, ConfigError, RunConfig
 from .data import DataNotFoundError
+from .engine import Terminated, interrupt_message, sigterm_interrupts
 
 
 class UsageError(Exception):
@@ -341,13 +343,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for chatty in ("mlflow.store.db.utils", "alembic.runtime.migration"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
-        return args.handler(args)
+        with sigterm_interrupts():
+            return args.handler(args)
     except (ConfigError, DataNotFoundError, UsageError) as exc:
         print(f"sweepbench: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("sweepbench: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        print(f"sweepbench: {interrupt_message(interrupt)}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
 
 
 if __name__ == "__main__":

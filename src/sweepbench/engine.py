@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import resource
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,30 @@ class StopTraining(Exception):
         super().__init__(reason)
         self.reason = reason
         self.status = status
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler, ``kill``, a container stopping) raised as an interruption: every place that
+    handles Ctrl-C (a run ends KILLED, a trial is queued again) handles it the same way."""
+
+
+def interrupt_message(interrupt: KeyboardInterrupt) -> str:
+    return str(interrupt) or "interrupted (Ctrl-C)"
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within the block, SIGTERM raises ``Terminated`` in the main thread instead of ending the process on the
+    spot, which would leave MLflow runs RUNNING and trials unfinished."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Terminated(f"terminated ({signal.Signals(signum).name})")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -483,7 +508,7 @@ def train(config: RunConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
     """Trains ``config.epochs`` epochs (continuing a checkpoint if ``config.resume``), then tests once.
 
     Raises ``ConfigError`` / ``DataNotFoundError`` before anything starts. Once started, every callback's
-    ``on_train_end`` sees the outcome; an exception or Ctrl-C is re-raised after that.
+    ``on_train_end`` sees the outcome; an exception, Ctrl-C or SIGTERM is re-raised after that.
     """
     started = time.perf_counter()
     run = _Run(config, callbacks)
@@ -506,8 +531,8 @@ def train(config: RunConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
             run.test(result)
     except StopTraining as stop:
         result.status, result.message = stop.status, stop.reason
-    except KeyboardInterrupt:
-        result.status, result.message = "killed", "interrupted (Ctrl-C)"
+    except KeyboardInterrupt as interrupt:
+        result.status, result.message = "killed", interrupt_message(interrupt)
         _finish(run, result, started)
         raise
     except Exception as exc:

@@ -426,7 +426,7 @@ def _fail(study: optuna.Study, trial: optuna.Trial, job: StudyJob, callback: Tri
 def run_trial(study: optuna.Study, trial: optuna.Trial, job: StudyJob, storage: RDBStorage,
               parent_run_id: str) -> None:
     """Trains a reserved trial and tells the study how it ended. An exception makes it FAIL (with its error)
-    and the study goes on; Ctrl-C marks it FAIL, queues its parameters for the next run and re-raises."""
+    and the study goes on; Ctrl-C or SIGTERM marks it FAIL, queues its parameters for the next run and re-raises."""
     spec = job.spec
     trial.set_user_attr(WORKER_ATTR, f"{platform.node()}:{os.getpid()}")
     mlflow_logger = MlflowLogger(spec.name, job.tracking_uri, run_name=f"trial-{trial.number:04d}",
@@ -437,8 +437,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, job: StudyJob, storage: 
     with _heartbeat(storage, trial._trial_id, job.heartbeat_interval):
         try:
             result = _train_trial(trial, job, callback)
-        except KeyboardInterrupt:
-            retry_trial(study, _fail(study, trial, job, callback, parent_run_id, "interrupted (Ctrl-C)"))
+        except KeyboardInterrupt as interrupt:
+            retry_trial(study, _fail(study, trial, job, callback, parent_run_id, engine.interrupt_message(interrupt)))
             raise
         except Exception as exc:
             _fail(study, trial, job, callback, parent_run_id, f"{type(exc).__name__}: {exc}")
@@ -501,9 +501,12 @@ def _worker_process(job: StudyJob, worker_index: int) -> None:
     configure_logging()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.workers))
     try:
-        run_worker(job, worker_index)
+        with engine.sigterm_interrupts():
+            run_worker(job, worker_index)
+    except engine.Terminated:
+        sys.exit(128 + signal.SIGTERM)
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(128 + signal.SIGINT)
 
 
 def _run_workers(job: StudyJob) -> None:
@@ -518,23 +521,24 @@ def _run_workers(job: StudyJob) -> None:
     try:
         for process in processes:
             process.join()
-    except KeyboardInterrupt:
-        _stop_workers(processes)
+    except KeyboardInterrupt as interrupt:
+        _stop_workers(processes, signal.SIGTERM if isinstance(interrupt, engine.Terminated) else signal.SIGINT)
         raise
     crashed = {process.name: process.exitcode for process in processes if process.exitcode != 0}
     if crashed:
         raise RuntimeError(f"worker process(es) exited abnormally: {crashed}")
 
 
-def _stop_workers(processes: list[multiprocessing.process.BaseProcess]) -> None:
-    """After Ctrl-C: a terminal's Ctrl-C reaches every worker, which marks its trial and stops; a SIGINT sent to
-    this process alone is passed on to the workers still running after a grace period."""
+def _stop_workers(processes: list[multiprocessing.process.BaseProcess], signum: int) -> None:
+    """After Ctrl-C or SIGTERM: a terminal's Ctrl-C (or a scheduler's SIGTERM to the process group) reaches every
+    worker, which marks its trial and stops; a signal sent to this process alone is passed on to the workers
+    still running after a grace period."""
     deadline = time.monotonic() + INTERRUPT_GRACE_SECONDS
     for process in processes:
         process.join(timeout=max(0.0, deadline - time.monotonic()))
     for process in processes:
         if process.is_alive():
-            os.kill(process.pid, signal.SIGINT)
+            os.kill(process.pid, signum)
     for process in processes:
         process.join()
 
