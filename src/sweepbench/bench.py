@@ -36,11 +36,8 @@ from mlflow.entities import Metric, Param, RunTag
 from .config import LOADERS, ConfigError, RunConfig
 from .data import DataNotFoundError, get_dataset_entry
 from .engine import RunResult, device_name, resolve_device, train
-from . import report
-from .spec import (_check_keys, _check_model_kwargs, _choice, _number, _positive_int, _string, _table,
-                   tomllib)
-from .tracking import MlflowLogger, ensure_experiment, environment_tags, flatten, resolve_tracking_uri
-from .tracking import _metrics as tracking_metrics
+from . import report, tomlcheck
+from .tracking import MlflowLogger, as_metrics, ensure_experiment, environment_tags, flatten, resolve_tracking_uri
 
 PRECISIONS = ("cpu/fp32", "cpu/bf16", "cuda/fp32", "cuda/tf32", "cuda/fp16", "cuda/bf16")
 SECTIONS = ("benchmark", "grid", "defaults", "models")
@@ -149,17 +146,17 @@ def _check_bool(label: str, value: Any) -> bool:
 
 
 AXIS_CHECKS: dict[str, Callable[[str, Any], Any]] = {
-    "precisions": lambda label, value: _choice(label, value, PRECISIONS),
-    "loaders": lambda label, value: _choice(label, value, LOADERS),
+    "precisions": lambda label, value: tomlcheck.choice(label, value, PRECISIONS),
+    "loaders": lambda label, value: tomlcheck.choice(label, value, LOADERS),
     "compile": _check_bool,
-    "batch_sizes": _positive_int,
+    "batch_sizes": tomlcheck.positive_int,
 }
 
 
 def _parse_baseline(value: Any) -> dict[str, Any]:
     """``"cpu/fp32"`` or ``{precision = "cpu/fp32", loader = "torchvision"}``, as axis -> value."""
-    baseline = {"precision": value} if isinstance(value, str) else _table("benchmark.baseline", value)
-    _check_keys("benchmark.baseline", baseline, BASELINE_KEYS)
+    baseline = {"precision": value} if isinstance(value, str) else tomlcheck.table("benchmark.baseline", value)
+    tomlcheck.check_keys("benchmark.baseline", baseline, BASELINE_KEYS)
     for key, axis in zip(BASELINE_KEYS, AXES):
         if key in baseline:
             AXIS_CHECKS[axis](f"benchmark.baseline.{key}", baseline[key])
@@ -176,14 +173,14 @@ def _run_config(label: str, values: dict[str, Any]) -> RunConfig:
     except ConfigError as exc:
         raise ConfigError(f"{label}: {exc}") from exc
     get_dataset_entry(config.dataset)
-    _check_model_kwargs(f"{label}.model_kwargs", config.model, config.model_kwargs)
+    tomlcheck.check_model_kwargs(f"{label}.model_kwargs", config.model, config.model_kwargs)
     return config
 
 
 def _model_cells(label: str, entry: Any, defaults: dict[str, Any], overrides: dict[str, Any],
                  grid: dict[str, Any], warmup_epochs: int) -> list[Cell]:
     """The cells of one ``[[models]]`` entry: its RunConfig fields over ``[defaults]``, its axes over ``[grid]``."""
-    entry = _table(label, entry)
+    entry = tomlcheck.table(label, entry)
     fields = {key: value for key, value in entry.items() if key not in AXES and key != "label"}
     config = _run_config(label, {**defaults, **fields, **overrides})
     if config.epochs <= warmup_epochs:
@@ -195,7 +192,7 @@ def _model_cells(label: str, entry: Any, defaults: dict[str, Any], overrides: di
         raise ConfigError(f"{label}: no precisions; set grid.precisions (choose from: {', '.join(PRECISIONS)})")
     for axis in AXES:
         _check_list(f"{label}.{axis}" if axis in entry else f"grid.{axis}", axes[axis], AXIS_CHECKS[axis])
-    name = _string(f"{label}.label", entry.get("label", config.model))
+    name = tomlcheck.string(f"{label}.label", entry.get("label", config.model))
     return [Cell(name, precision, loader, compiled, batch_size,
                  config.replace(device=precision.split("/")[0], precision=precision.split("/")[1], loader=loader,
                                 compile=compiled, batch_size=batch_size))
@@ -217,27 +214,28 @@ def _check_cells(cells: list[Cell], baseline: dict[str, Any]) -> None:
 def parse_spec(document: dict[str, Any], name: str, text: str = "", **overrides: Any) -> BenchSpec:
     """Validates a parsed benchmark TOML and expands its grid. ``overrides`` are RunConfig fields (epochs,
     data_dir, download) set in every cell over the file; None leaves a field as the file has it."""
-    _check_keys("benchmark file", _table("benchmark file", document), SECTIONS)
-    meta = _table("benchmark", document.get("benchmark", {}))
-    _check_keys("benchmark", meta, BENCHMARK_KEYS)
-    grid = _table("grid", document.get("grid", {}))
-    _check_keys("grid", grid, AXES)
+    tomlcheck.check_keys("benchmark file", tomlcheck.table("benchmark file", document), SECTIONS)
+    meta = tomlcheck.table("benchmark", document.get("benchmark", {}))
+    tomlcheck.check_keys("benchmark", meta, BENCHMARK_KEYS)
+    grid = tomlcheck.table("grid", document.get("grid", {}))
+    tomlcheck.check_keys("grid", grid, AXES)
     models = document.get("models")
     if not isinstance(models, list) or not models:
         raise ConfigError('models: expected at least one [[models]] table, e.g. model = "mnist_mlp"')
-    warmup_epochs = _positive_int("benchmark.warmup_epochs", meta.get("warmup_epochs", 1), minimum=0)
-    defaults = _table("defaults", document.get("defaults", {}))
+    warmup_epochs = tomlcheck.positive_int("benchmark.warmup_epochs", meta.get("warmup_epochs", 1), minimum=0)
+    defaults = tomlcheck.table("defaults", document.get("defaults", {}))
     overrides = {key: value for key, value in overrides.items() if value is not None}
     cells = [cell for index, entry in enumerate(models)
              for cell in _model_cells(f"models[{index}]", entry, defaults, overrides, grid, warmup_epochs)]
     tolerance = meta.get("accuracy_tolerance", 0.01)
-    if not 0 <= _number("benchmark.accuracy_tolerance", tolerance) <= 1:
+    if not 0 <= tomlcheck.number("benchmark.accuracy_tolerance", tolerance) <= 1:
         raise ConfigError(f"benchmark.accuracy_tolerance: {tolerance!r} is out of range; it must be in [0, 1]")
     baseline = _parse_baseline(meta.get("baseline", DEFAULT_BASELINE))
     _check_cells(cells, baseline)
-    return BenchSpec(name=_string("benchmark.name", meta.get("name", name)),
-                     description=_string("benchmark.description", meta.get("description", ""), allow_empty=True),
-                     repeats=_positive_int("benchmark.repeats", meta.get("repeats", 3)),
+    return BenchSpec(name=tomlcheck.string("benchmark.name", meta.get("name", name)),
+                     description=tomlcheck.string("benchmark.description", meta.get("description", ""),
+                                                  allow_empty=True),
+                     repeats=tomlcheck.positive_int("benchmark.repeats", meta.get("repeats", 3)),
                      warmup_epochs=warmup_epochs, baseline=baseline, accuracy_tolerance=float(tolerance),
                      cells=cells, text=text)
 
@@ -247,19 +245,13 @@ def load_spec(path: str | Path, *, repeats: int | None = None, devices: Sequence
     """Reads and validates a benchmark file. ``repeats`` and RunConfig ``overrides`` (epochs, data_dir,
     download) replace the file's; ``devices`` keeps the cells on those devices and the baselines they need."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"benchmark file {path} not found")
-    text = path.read_text()
-    try:
-        document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    document, text = tomlcheck.read_toml(path, "benchmark file")
     try:
         spec = parse_spec(document, path.stem, text, **overrides)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     if repeats is not None:
-        spec.repeats = _positive_int("--repeats", repeats)
+        spec.repeats = tomlcheck.positive_int("--repeats", repeats)
     if devices:
         spec.cells = filter_devices(spec.cells, devices, spec.baseline)
     return spec
@@ -360,8 +352,8 @@ def run_cell(cell: Cell, spec: BenchSpec, tracking: _Tracking) -> CellOutcome:
 
 def _metrics(values: dict[str, Any]) -> list[Metric]:
     """The finite numbers among ``values`` as MLflow metrics (skipped cells have none)."""
-    return tracking_metrics({key: value for key, value in values.items() if isinstance(value, (int, float))
-                             and not isinstance(value, bool) and math.isfinite(value)}, 0)
+    return as_metrics({key: value for key, value in values.items() if isinstance(value, (int, float))
+                       and not isinstance(value, bool) and math.isfinite(value)}, 0)
 
 
 # ---- figures and the table ----------------------------------------------------------------------------------

@@ -233,7 +233,9 @@ def build_optimizer(config: RunConfig, params: Sequence[nn.Parameter], device: t
     """Fused kernels where PyTorch has them for this device, else its default for the device (a loop over
     tensors on CPU, which is one tensor per ``contiguous_parameters`` buffer; multi-tensor kernels on CUDA)."""
     fused = config.optimizer in FUSED_OPTIMIZERS and device.type in ("cpu", "cuda")
-    kwargs: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay, **({"fused": True} if fused else {})}
+    kwargs: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay}
+    if fused:
+        kwargs["fused"] = True
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, momentum=config.momentum, nesterov=config.nesterov, **kwargs)
     if config.optimizer == "rmsprop":
@@ -262,7 +264,8 @@ def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
 
 def random_crop_flip(padded: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
     """Per-sample random crop (from images padded by ``pad``) and horizontal flip, batched on the device."""
-    batch, channels, height, width = padded.shape[0], padded.shape[1], padded.shape[2] - 2 * pad, padded.shape[3] - 2 * pad
+    batch, channels = padded.shape[:2]
+    height, width = padded.shape[2] - 2 * pad, padded.shape[3] - 2 * pad
     device = padded.device
     dy = torch.randint(0, 2 * pad + 1, (batch,), generator=generator, device=device)
     dx = torch.randint(0, 2 * pad + 1, (batch,), generator=generator, device=device)

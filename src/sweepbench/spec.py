@@ -11,19 +11,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .config import ConfigError, RunConfig, field_names
 from .data import get_dataset_entry
 from .models import get_model_entry
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
+from . import tomlcheck
 
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "grid")
 PRUNERS = ("median", "hyperband", "none")
@@ -108,8 +103,8 @@ class StudySpec:
         return dataclasses.replace(
             self,
             base_config=self.base_config.replace(**changes),
-            n_trials=self.n_trials if n_trials is None else _positive_int("--n-trials", n_trials),
-            timeout=self.timeout if timeout is None else _positive_number("--timeout", timeout),
+            n_trials=self.n_trials if n_trials is None else tomlcheck.positive_int("--n-trials", n_trials),
+            timeout=self.timeout if timeout is None else tomlcheck.positive_number("--timeout", timeout),
         )
 
     def target_trials(self) -> int:
@@ -120,13 +115,7 @@ class StudySpec:
 
 
 def load_spec(path: str | Path) -> StudySpec:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study spec {path} not found")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    data, _ = tomlcheck.read_toml(path, "study spec")
     return parse_spec(data, str(path))
 
 
@@ -139,45 +128,45 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> StudySpec:
 
 
 def _parse(data: dict[str, Any], source: str) -> StudySpec:
-    _check_keys("spec", data, TOP_KEYS)
+    tomlcheck.check_keys("spec", data, TOP_KEYS)
     for required in ("name", "model", "dataset", "search"):
         if required not in data:
             raise ConfigError(f"{required}: missing; a study spec needs {', '.join(('name', 'model', 'dataset'))} "
                               "and a [search] table")
-    name = _string("name", data["name"])
+    name = tomlcheck.string("name", data["name"])
     if not NAME_PATTERN.fullmatch(name):
         raise ConfigError(f"name: {name!r} names files and databases; use letters, digits, '_', '.', '-'")
     base_config = _base_config(data)
     objectives = _objectives(data.get("objective", {"metric": "val_accuracy"}))
-    search = tuple(_param(key, value, base_config) for key, value in _table("search", data["search"]).items())
+    search = tuple(_param(key, value, base_config) for key, value in tomlcheck.table("search", data["search"]).items())
     if not search:
         raise ConfigError("search: empty; give at least one [search.<field>] table")
     for param in search:
         if param.name in data.get("train", {}):
             raise ConfigError(f"search.{param.name}: also fixed in [train]; keep it in one place")
-    sampler = _table("sampler", data.get("sampler", {}))
-    _check_keys("sampler", sampler, SAMPLER_KEYS)
-    sampler_name = _choice("sampler.name", sampler.get("name", "tpe"), SAMPLERS)
-    pruner = _table("pruner", data.get("pruner", {}))
+    sampler = tomlcheck.table("sampler", data.get("sampler", {}))
+    tomlcheck.check_keys("sampler", sampler, SAMPLER_KEYS)
+    sampler_name = tomlcheck.choice("sampler.name", sampler.get("name", "tpe"), SAMPLERS)
+    pruner = tomlcheck.table("pruner", data.get("pruner", {}))
     default_pruner = "median" if len(objectives) == 1 else "none"
-    pruner_name = _choice("pruner.name", pruner.get("name", default_pruner), PRUNERS)
-    _check_keys(f"pruner ({pruner_name})", pruner, PRUNER_KEYS[pruner_name])
-    budget = _table("budget", data.get("budget", {}))
-    _check_keys("budget", budget, BUDGET_KEYS)
-    n_trials = _positive_int("budget.n_trials", budget.get("n_trials", 20))
+    pruner_name = tomlcheck.choice("pruner.name", pruner.get("name", default_pruner), PRUNERS)
+    tomlcheck.check_keys(f"pruner ({pruner_name})", pruner, PRUNER_KEYS[pruner_name])
+    budget = tomlcheck.table("budget", data.get("budget", {}))
+    tomlcheck.check_keys("budget", budget, BUDGET_KEYS)
+    n_trials = tomlcheck.positive_int("budget.n_trials", budget.get("n_trials", 20))
     spec = StudySpec(
         name=name, base_config=base_config, objectives=objectives, search=search,
         sampler=sampler_name,
-        sampler_seed=_optional(sampler.get("seed"), lambda v: _int("sampler.seed", v)),
-        sampler_startup_trials=_optional(sampler.get("n_startup_trials"),
-                                         lambda v: _positive_int("sampler.n_startup_trials", v)),
+        sampler_seed=tomlcheck.optional(sampler.get("seed"), lambda v: tomlcheck.integer("sampler.seed", v)),
+        sampler_startup_trials=tomlcheck.optional(sampler.get("n_startup_trials"),
+                                         lambda v: tomlcheck.positive_int("sampler.n_startup_trials", v)),
         pruner=pruner_name,
-        pruner_options={key: _positive_int(f"pruner.{key}", value, minimum=PRUNER_MINIMUMS.get(key, 0))
+        pruner_options={key: tomlcheck.positive_int(f"pruner.{key}", value, minimum=PRUNER_MINIMUMS.get(key, 0))
                         for key, value in pruner.items() if key != "name"},
         n_trials=n_trials,
-        timeout=_optional(budget.get("timeout"), lambda v: _positive_number("budget.timeout", v)),
-        max_failed_trials=_positive_int("budget.max_failed_trials", budget.get("max_failed_trials", n_trials)),
-        description=_string("description", data.get("description", ""), allow_empty=True),
+        timeout=tomlcheck.optional(budget.get("timeout"), lambda v: tomlcheck.positive_number("budget.timeout", v)),
+        max_failed_trials=tomlcheck.positive_int("budget.max_failed_trials", budget.get("max_failed_trials", n_trials)),
+        description=tomlcheck.string("description", data.get("description", ""), allow_empty=True),
         source=source,
     )
     _check_combination(spec)
@@ -185,18 +174,18 @@ def _parse(data: dict[str, Any], source: str) -> StudySpec:
 
 
 def _base_config(data: dict[str, Any]) -> RunConfig:
-    get_model_entry(_string("model", data["model"]))
-    get_dataset_entry(_string("dataset", data["dataset"]))
-    train = _table("train", data.get("train", {}))
+    get_model_entry(tomlcheck.string("model", data["model"]))
+    get_dataset_entry(tomlcheck.string("dataset", data["dataset"]))
+    train = tomlcheck.table("train", data.get("train", {}))
     for key in ("model", "dataset"):
         if key in train:
             raise ConfigError(f"train.{key}: set {key} at the top level of the spec, not in [train]")
-    _check_keys("train", train, [name for name in field_names() if name not in ("model", "dataset")])
+    tomlcheck.check_keys("train", train, [name for name in field_names() if name not in ("model", "dataset")])
     try:
         config = RunConfig.from_dict({"model": data["model"], "dataset": data["dataset"], **train})
     except ConfigError as exc:
         raise ConfigError(f"train.{exc}") from exc
-    _check_model_kwargs("train.model_kwargs", config.model, config.model_kwargs)
+    tomlcheck.check_model_kwargs("train.model_kwargs", config.model, config.model_kwargs)
     return config
 
 
@@ -207,10 +196,11 @@ def _objectives(raw: Any) -> tuple[Objective, ...]:
     objectives = []
     for index, table in enumerate(tables):
         label = "objective" if len(tables) == 1 else f"objective[{index}]"
-        table = _table(label, table)
-        _check_keys(label, table, OBJECTIVE_KEYS)
-        metric = _choice(f"{label}.metric", table.get("metric", "val_accuracy"), tuple(METRIC_DIRECTIONS))
-        direction = _choice(f"{label}.direction", table.get("direction", METRIC_DIRECTIONS[metric]), DIRECTIONS)
+        table = tomlcheck.table(label, table)
+        tomlcheck.check_keys(label, table, OBJECTIVE_KEYS)
+        metric = tomlcheck.choice(f"{label}.metric", table.get("metric", "val_accuracy"), tuple(METRIC_DIRECTIONS))
+        direction = tomlcheck.choice(f"{label}.direction", table.get("direction", METRIC_DIRECTIONS[metric]),
+                                     DIRECTIONS)
         objectives.append(Objective(metric, direction))
     if len(objectives) == 2 and objectives[0].metric == objectives[1].metric:
         raise ConfigError(f"objective: both objectives are {objectives[0].metric!r}; a Pareto study needs two metrics")
@@ -219,10 +209,10 @@ def _objectives(raw: Any) -> tuple[Objective, ...]:
 
 def _param(name: str, raw: Any, base_config: RunConfig) -> ParamSpec:
     label = f"search.{name}"
-    table = _table(label, raw)
+    table = tomlcheck.table(label, raw)
     _check_search_field(name, base_config)
-    kind = _choice(f"{label}.type", table.get("type"), PARAM_TYPES)
-    _check_keys(f"{label} ({kind})", table, PARAM_KEYS[kind])
+    kind = tomlcheck.choice(f"{label}.type", table.get("type"), PARAM_TYPES)
+    tomlcheck.check_keys(f"{label} ({kind})", table, PARAM_KEYS[kind])
     if kind == "categorical":
         choices = table.get("choices")
         if not isinstance(choices, list) or not choices:
@@ -235,7 +225,7 @@ def _param(name: str, raw: Any, base_config: RunConfig) -> ParamSpec:
 
 
 def _numeric_param(label: str, name: str, kind: str, table: dict[str, Any]) -> ParamSpec:
-    number = _int if kind == "int" else _number
+    number = tomlcheck.integer if kind == "int" else tomlcheck.number
     for key in ("low", "high"):
         if key not in table:
             raise ConfigError(f"{label}.{key}: missing; a {kind} parameter needs low and high")
@@ -243,7 +233,8 @@ def _numeric_param(label: str, name: str, kind: str, table: dict[str, Any]) -> P
     log = table.get("log", False)
     if not isinstance(log, bool):
         raise ConfigError(f"{label}.log: expected true or false, got {log!r}")
-    step = _optional(table.get("step"), lambda v: _positive_number(f"{label}.step", number(f"{label}.step", v)))
+    step = tomlcheck.optional(table.get("step"),
+                              lambda v: tomlcheck.positive_number(f"{label}.step", number(f"{label}.step", v)))
     if low > high:
         raise ConfigError(f"{label}: low ({low}) must be <= high ({high})")
     if log and low <= 0:
@@ -259,7 +250,7 @@ def _check_search_field(name: str, base_config: RunConfig) -> None:
         if head not in KWARGS_FIELDS or not arg:
             raise ConfigError(f"search.{name}: dotted names must be model_kwargs.<arg> or dataset_kwargs.<arg>")
         if head == "model_kwargs":
-            _check_model_kwargs(f"search.{name}", base_config.model, {arg: None})
+            tomlcheck.check_model_kwargs(f"search.{name}", base_config.model, {arg: None})
         if arg in getattr(base_config, head):
             raise ConfigError(f"search.{name}: also fixed in [train].{head}; keep it in one place")
         return
@@ -267,13 +258,6 @@ def _check_search_field(name: str, base_config: RunConfig) -> None:
     if name not in allowed:
         raise ConfigError(f"search.{name}: not a searchable field; allowed: {', '.join(allowed)}, "
                           "model_kwargs.<arg>, dataset_kwargs.<arg>")
-
-
-def _check_model_kwargs(label: str, model: str, kwargs: dict[str, Any]) -> None:
-    allowed = get_model_entry(model).defaults()
-    unknown = sorted(set(kwargs) - set(allowed))
-    if unknown:
-        raise ConfigError(f"{label}: {unknown} not accepted by model {model!r}; allowed: {', '.join(allowed)}")
 
 
 def _check_values(label: str, param: ParamSpec, base_config: RunConfig) -> None:
@@ -303,55 +287,3 @@ def _check_combination(spec: StudySpec) -> None:
         for param in spec.search:
             if param.type == "float" and param.step is None:
                 raise ConfigError(f"search.{param.name}: the grid sampler needs a step (or type categorical)")
-
-
-def _table(label: str, value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{label}: expected a table, got {value!r}")
-    return value
-
-
-def _check_keys(label: str, table: dict[str, Any], allowed: Sequence[str]) -> None:
-    unknown = sorted(set(table) - set(allowed))
-    if unknown:
-        raise ConfigError(f"{label}: unknown key(s) {unknown}; allowed: {', '.join(allowed)}")
-
-
-def _choice(label: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ConfigError(f"{label}: {value!r} is not allowed; choose one of: {', '.join(allowed)}")
-    return value
-
-
-def _string(label: str, value: Any, allow_empty: bool = False) -> str:
-    if not isinstance(value, str) or not (value or allow_empty):
-        raise ConfigError(f"{label}: expected a non-empty string, got {value!r}")
-    return value
-
-
-def _int(label: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{label}: expected an integer, got {value!r}")
-    return value
-
-
-def _number(label: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{label}: expected a number, got {value!r}")
-    return float(value)
-
-
-def _positive_int(label: str, value: Any, minimum: int = 1) -> int:
-    if _int(label, value) < minimum:
-        raise ConfigError(f"{label}: {value!r} is out of range; it must be >= {minimum}")
-    return value
-
-
-def _positive_number(label: str, value: Any) -> float:
-    if _number(label, value) <= 0:
-        raise ConfigError(f"{label}: {value!r} is out of range; it must be > 0")
-    return value
-
-
-def _optional(value: Any, check: Callable[[Any], Any]) -> Any:
-    return None if value is None else check(value)

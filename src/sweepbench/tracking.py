@@ -163,20 +163,21 @@ def run_tags(context: TrainContext) -> dict[str, str]:
     }
 
 
-def _metrics(values: dict[str, float | None], step: int) -> list[Metric]:
+def as_metrics(values: dict[str, float | None], step: int) -> list[Metric]:
+    """``values`` as MLflow metrics at ``step``, one timestamp for all; None values are left out."""
     timestamp = int(time.time() * 1000)
     return [Metric(key, float(value), timestamp, step) for key, value in values.items() if value is not None]
 
 
 def epoch_metrics(record: EpochRecord) -> list[Metric]:
-    return _metrics({"train_loss": record.train_loss, "val_loss": record.val_loss,
+    return as_metrics({"train_loss": record.train_loss, "val_loss": record.val_loss,
                      "val_accuracy": record.val_accuracy, "epoch_seconds": record.epoch_seconds,
                      "samples_per_second": record.samples_per_second, "lr": record.lr,
                      "eval_seconds": record.eval_seconds}, record.epoch)
 
 
 def final_metrics(result: RunResult, logging_seconds: float) -> list[Metric]:
-    return _metrics({"test_accuracy": result.test_accuracy, "test_loss": result.test_loss,
+    return as_metrics({"test_accuracy": result.test_accuracy, "test_loss": result.test_loss,
                      "best_val_accuracy": result.best_val_accuracy,
                      "time_to_target_seconds": result.time_to_target_seconds,
                      "peak_memory_mb": result.peak_memory_mb, "train_seconds": result.train_seconds,
