@@ -64,6 +64,14 @@ def test_contiguous_parameters_train_like_separate_ones(optimizer):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
+def test_a_compiled_model_trains_its_contiguous_parameters_like_the_eager_one(data_dir):
+    eager, compiled = train(mnist_config(data_dir, epochs=1)), train(mnist_config(data_dir, epochs=1, compile=True))
+    assert compiled.status == "completed" and compiled.val_accuracy > 0.8
+    assert abs(compiled.val_accuracy - eager.val_accuracy) < 0.01
+    torch.testing.assert_close(weights(compiled), weights(eager), rtol=1e-3, atol=1e-4)
+
+
 def test_same_seed_gives_the_same_result_and_another_seed_does_not(data_dir):
     first, second = train(mnist_config(data_dir, seed=7)), train(mnist_config(data_dir, seed=7))
     other = train(mnist_config(data_dir, seed=8))

@@ -171,18 +171,18 @@ def as_metrics(values: dict[str, float | None], step: int) -> list[Metric]:
 
 def epoch_metrics(record: EpochRecord) -> list[Metric]:
     return as_metrics({"train_loss": record.train_loss, "val_loss": record.val_loss,
-                     "val_accuracy": record.val_accuracy, "epoch_seconds": record.epoch_seconds,
-                     "samples_per_second": record.samples_per_second, "lr": record.lr,
-                     "eval_seconds": record.eval_seconds}, record.epoch)
+                       "val_accuracy": record.val_accuracy, "epoch_seconds": record.epoch_seconds,
+                       "samples_per_second": record.samples_per_second, "lr": record.lr,
+                       "eval_seconds": record.eval_seconds}, record.epoch)
 
 
 def final_metrics(result: RunResult, logging_seconds: float) -> list[Metric]:
     return as_metrics({"test_accuracy": result.test_accuracy, "test_loss": result.test_loss,
-                     "best_val_accuracy": result.best_val_accuracy,
-                     "time_to_target_seconds": result.time_to_target_seconds,
-                     "peak_memory_mb": result.peak_memory_mb, "train_seconds": result.train_seconds,
-                     "total_seconds": result.wall_seconds, "epoch_logging_seconds": logging_seconds},
-                    len(result.history))
+                       "best_val_accuracy": result.best_val_accuracy,
+                       "time_to_target_seconds": result.time_to_target_seconds,
+                       "peak_memory_mb": result.peak_memory_mb, "train_seconds": result.train_seconds,
+                       "total_seconds": result.wall_seconds, "epoch_logging_seconds": logging_seconds},
+                      len(result.history))
 
 
 def per_class_csv(per_class_accuracy: dict[str, float]) -> str:
