@@ -26,8 +26,8 @@ from optuna.trial import TrialState
 from tests.conftest import run_cli
 from sweepbench.config import ConfigError
 from sweepbench.spec import load_spec
-from sweepbench.study import (RETRY_HISTORY, RUN_ID_ATTR, WORKER_ATTR, export_trials, make_job,
-                              normalize_storage_url, open_existing_study, run_study)
+from sweepbench.study import (RETRY_HISTORY, RUN_ID_ATTR, WORKER_ATTR, export_trials, load_study, make_job,
+                              normalize_storage_url, open_existing_study, open_storage, run_study, worker_seed)
 
 MLFLOW_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
 
@@ -329,6 +329,23 @@ def test_ctrl_c_or_sigterm_marks_the_current_trial_and_queues_it_again(tmp_path:
 
 
 @pytest.mark.slow
+def test_workers_starting_at_the_same_point_on_two_machines_get_different_seeds(tmp_path: Path) -> None:
+    """The first claimant of (trial count, worker index) keeps the reproducible seed, the spec's own for a new
+    study; a worker elsewhere at the same point gets another, so it does not replay the same random trials."""
+    spec = load_spec(write_spec(tmp_path, "seeds", seed=7))
+    job = make_job(spec, storage_url=sqlite_storage(tmp_path, "seeds"), tracking_uri=sqlite_tracking(tmp_path))
+    study = load_study(job, open_storage(job))
+    first = worker_seed(spec, study, job.storage_url, 0, claimant="host-a:101")
+    other_machine = worker_seed(spec, study, job.storage_url, 0, claimant="host-b:202")
+    third_machine = worker_seed(spec, study, job.storage_url, 0, claimant="host-c:303")
+    assert first == 7 and len({first, other_machine, third_machine}) == 3
+    assert worker_seed(spec, study, job.storage_url, 0, claimant="host-a:101") == first
+    second_worker = worker_seed(spec, study, job.storage_url, 1, claimant="host-a:101")
+    assert second_worker not in (first, other_machine, third_machine)
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.5))
+    assert worker_seed(spec, study, job.storage_url, 0, claimant="host-b:202") not in (first, other_machine)
+
+
 def test_two_local_workers_share_one_storage_and_stop_at_exactly_n(tmp_path: Path, data_dir: Path) -> None:
     spec = write_spec(tmp_path, "parallel", n_trials=5, subset=10000)
     completed = run_cli(*study_args(spec, data_dir, "--workers", "2"), cwd=tmp_path)

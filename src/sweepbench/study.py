@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -64,6 +65,7 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"
 RUN_ID_ATTR = "mlflow_run_id"
 ERROR_ATTR = "error"
 WORKER_ATTR = "worker"
+SEED_CLAIM_ATTR = "sampler_seed_claim"  # study user attrs "sampler_seed_claim.<trials>.<worker index>": host:pid
 RETRY_HISTORY = "retry_history"
 DEFAULT_HEARTBEAT_SECONDS = 10
 GRACE_HEARTBEATS = 3
@@ -175,18 +177,37 @@ def create_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def worker_seed(spec: StudySpec, trials_so_far: int, worker_index: int) -> int | None:
-    """The spec's seed for the first worker of a new study (reproducible); mixed with the trial count and the
-    worker's index otherwise, so parallel workers and resumed runs do not replay the same random start."""
+def worker_seed(spec: StudySpec, study: optuna.Study, storage_url: str, worker_index: int,
+                claimant: str | None = None) -> int | None:
+    """The sampler seed of one worker: the spec's seed mixed with the study's trial count and the worker's index,
+    so parallel workers and resumed runs do not replay one random start, and the spec's seed itself for the first
+    worker of a new study (reproducible). The first process (``claimant``: host and pid) to take a (trial count,
+    worker index) pair claims it in the study, under the storage lock; a worker on another machine that starts
+    at the same pair also mixes in its own name instead of replaying the claimant's trials."""
     if spec.sampler_seed is None:
         return None
+    trials_so_far = len(study.get_trials(deepcopy=False))
+    claimant = claimant or f"{platform.node()}:{os.getpid()}"
+    key = f"{SEED_CLAIM_ATTR}.{trials_so_far}.{worker_index}"
+    with storage_lock(storage_url):
+        owner = study.user_attrs.get(key)
+        if owner is None:
+            study.set_user_attr(key, claimant)
+            owner = claimant
+    if owner != claimant:
+        return _mixed_seed(spec.sampler_seed, trials_so_far, worker_index, zlib.crc32(claimant.encode()))
     if trials_so_far == 0 and worker_index == 0:
         return spec.sampler_seed
-    return int(np.random.SeedSequence([spec.sampler_seed, trials_so_far, worker_index]).generate_state(1)[0])
+    return _mixed_seed(spec.sampler_seed, trials_so_far, worker_index)
 
 
-def load_study(job: StudyJob, storage: RDBStorage, worker_index: int = 0) -> optuna.Study:
-    """Creates the study, or loads it to resume; its directions must match the spec's."""
+def _mixed_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def load_study(job: StudyJob, storage: RDBStorage, worker_index: int | None = None) -> optuna.Study:
+    """Creates the study, or loads it to resume; its directions must match the spec's. A worker (``worker_index``
+    given) gets the spec's sampler with its own seed; without one the study is only read and written to."""
     spec = job.spec
     with _quiet():
         study = optuna.create_study(storage=storage, study_name=spec.name, directions=spec.directions,
@@ -197,7 +218,8 @@ def load_study(job: StudyJob, storage: RDBStorage, worker_index: int = 0) -> opt
                               f"the spec {spec.directions}; rename the study or use another storage")
         if study.metric_names != spec.metric_names:
             study.set_metric_names(spec.metric_names)
-    study.sampler = create_sampler(spec, worker_seed(spec, len(study.get_trials(deepcopy=False)), worker_index))
+    if worker_index is not None:
+        study.sampler = create_sampler(spec, worker_seed(spec, study, job.storage_url, worker_index))
     return study
 
 
