@@ -48,8 +48,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=SEED_RECIPE["batch_size"], help="the recipe's is 64")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    print(f"device {device.type} ({device_name(device)}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"CUDA {torch.version.cuda}, python {platform.python_version()}")
+    print(f"device {device.type} ({device_name(device)}), {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, CUDA {torch.version.cuda}, python {platform.python_version()}")
     print(f"MNIST MLP seed recipe, {args.epochs} epochs, batch {args.batch_size}:")
     compare_loaders(SEED_RECIPE, args.epochs, args)
     if args.cifar_epochs:

@@ -103,7 +103,7 @@ def test_experiments_keep_their_artifacts_beside_the_sqlite_file(store):
 
 @pytest.mark.slow
 def test_a_cli_run_logs_every_param_and_tag(cli_run, data_dir):
-    run, summary = cli_run["run"], cli_run["summary"]
+    run = cli_run["run"]
     assert run.info.status == "FINISHED" and run.data.tags["status"] == "completed"
     assert f"mlflow run      {run.info.run_id} in experiment 'cli-test'" in cli_run["stdout"]
     assert run.info.artifact_uri.startswith((cli_run["project"] / "mlruns" / "artifacts").as_uri())
