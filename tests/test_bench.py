@@ -58,7 +58,7 @@ def children(client: MlflowClient, experiment_id: str, parent_run_id: str) -> li
     return client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=1000)
 
 
-@pytest.mark.parametrize("name", ["quick", "devices", "gpu", "loaders"])
+@pytest.mark.parametrize("name", ["quick", "devices", "gpu", "loaders", "compile"])
 def test_shipped_benchmark_files_load_with_timed_epochs(name):
     spec = load_spec(BENCHMARKS / f"{name}.toml")
     assert spec.name == name and spec.repeats >= 2 and spec.warmup_epochs == 1
@@ -78,6 +78,13 @@ def test_devices_file_covers_every_model_and_precision_and_gpu_file_the_targets(
     loaders = load_spec(BENCHMARKS / "loaders.toml")
     assert loaders.baseline == {"loader": "torchvision"}
     assert {cell.loader for cell in loaders.cells} == {"torchvision", "device"}
+
+
+def test_compile_file_compares_each_model_eager_and_compiled():
+    compiled = load_spec(BENCHMARKS / "compile.toml")
+    assert compiled.baseline == {"compile": False}
+    assert {(cell.model, cell.compile) for cell in compiled.cells} == {
+        (model, compile) for model in ("mnist_mlp", "cifar_cnn") for compile in (False, True)}
 
 
 @pytest.mark.parametrize("changes, message", [
