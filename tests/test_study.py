@@ -328,7 +328,6 @@ def test_ctrl_c_or_sigterm_marks_the_current_trial_and_queues_it_again(tmp_path:
         == {"KILLED"}
 
 
-@pytest.mark.slow
 def test_workers_starting_at_the_same_point_on_two_machines_get_different_seeds(tmp_path: Path) -> None:
     """The first claimant of (trial count, worker index) keeps the reproducible seed, the spec's own for a new
     study; a worker elsewhere at the same point gets another, so it does not replay the same random trials."""
@@ -346,6 +345,7 @@ def test_workers_starting_at_the_same_point_on_two_machines_get_different_seeds(
     assert worker_seed(spec, study, job.storage_url, 0, claimant="host-b:202") not in (first, other_machine)
 
 
+@pytest.mark.slow
 def test_two_local_workers_share_one_storage_and_stop_at_exactly_n(tmp_path: Path, data_dir: Path) -> None:
     spec = write_spec(tmp_path, "parallel", n_trials=5, subset=10000)
     completed = run_cli(*study_args(spec, data_dir, "--workers", "2"), cwd=tmp_path)
