@@ -36,6 +36,7 @@ from mlflow.entities import Metric, Param, RunTag
 from .config import LOADERS, ConfigError, RunConfig
 from .data import DataNotFoundError, get_dataset_entry
 from .engine import RunResult, device_name, resolve_device, train
+from .models import check_model_kwargs
 from . import report, tomlcheck
 from .tracking import MlflowLogger, as_metrics, ensure_experiment, environment_tags, flatten, resolve_tracking_uri
 
@@ -173,7 +174,7 @@ def _run_config(label: str, values: dict[str, Any]) -> RunConfig:
     except ConfigError as exc:
         raise ConfigError(f"{label}: {exc}") from exc
     get_dataset_entry(config.dataset)
-    tomlcheck.check_model_kwargs(f"{label}.model_kwargs", config.model, config.model_kwargs)
+    check_model_kwargs(config.model, config.model_kwargs, f"{label}.model_kwargs")
     return config
 
 

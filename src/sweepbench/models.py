@@ -50,13 +50,15 @@ def get_model_entry(name: str) -> ModelEntry:
     return _MODELS[name]
 
 
-def check_model_kwargs(name: str, kwargs: dict[str, Any]) -> ModelEntry:
-    """Fails fast, before any data is loaded, on an unknown model or keyword argument."""
+def check_model_kwargs(name: str, kwargs: dict[str, Any], label: str = "model_kwargs") -> ModelEntry:
+    """Fails fast, before any data is loaded, on an unknown model or keyword argument; ``label`` names the
+    field in the error (``train.model_kwargs`` in a study spec, say)."""
     entry = get_model_entry(name)
     allowed = entry.defaults()
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
-        raise ConfigError(f"model_kwargs: {unknown} not accepted by {name!r}; allowed: {', '.join(allowed) or 'none'}")
+        raise ConfigError(f"{label}: {unknown} not accepted by model {name!r}; "
+                          f"allowed: {', '.join(allowed) or 'none'}")
     return entry
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from .config import ConfigError, RunConfig, field_names
 from .data import get_dataset_entry
-from .models import get_model_entry
+from .models import check_model_kwargs, get_model_entry
 from . import tomlcheck
 
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "grid")
@@ -185,7 +185,7 @@ def _base_config(data: dict[str, Any]) -> RunConfig:
         config = RunConfig.from_dict({"model": data["model"], "dataset": data["dataset"], **train})
     except ConfigError as exc:
         raise ConfigError(f"train.{exc}") from exc
-    tomlcheck.check_model_kwargs("train.model_kwargs", config.model, config.model_kwargs)
+    check_model_kwargs(config.model, config.model_kwargs, "train.model_kwargs")
     return config
 
 
@@ -250,7 +250,7 @@ def _check_search_field(name: str, base_config: RunConfig) -> None:
         if head not in KWARGS_FIELDS or not arg:
             raise ConfigError(f"search.{name}: dotted names must be model_kwargs.<arg> or dataset_kwargs.<arg>")
         if head == "model_kwargs":
-            tomlcheck.check_model_kwargs(f"search.{name}", base_config.model, {arg: None})
+            check_model_kwargs(base_config.model, {arg: None}, f"search.{name}")
         if arg in getattr(base_config, head):
             raise ConfigError(f"search.{name}: also fixed in [train].{head}; keep it in one place")
         return

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .config import ConfigError
-from .models import get_model_entry
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -26,13 +25,6 @@ def read_toml(path: str | Path, kind: str) -> tuple[dict[str, Any], str]:
         return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-
-
-def check_model_kwargs(label: str, model: str, kwargs: dict[str, Any]) -> None:
-    allowed = get_model_entry(model).defaults()
-    unknown = sorted(set(kwargs) - set(allowed))
-    if unknown:
-        raise ConfigError(f"{label}: {unknown} not accepted by model {model!r}; allowed: {', '.join(allowed)}")
 
 
 def table(label: str, value: Any) -> dict[str, Any]:
