@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -33,3 +38,43 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     if check and completed.returncode != 0:
         raise AssertionError(f"sweepbench {' '.join(args)} exited {completed.returncode}:\n{completed.stderr}")
     return completed
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
+    """Polls ``url`` until it answers 200; fails if ``process`` exits first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{process.args} exited {process.returncode} before answering")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path, backend_uri: str | None = None) -> Iterator[str]:
+    """A real ``mlflow server`` on 127.0.0.1 (its own SQLite store in ``folder`` unless ``backend_uri`` names
+    one), serving artifacts from ``folder``; yields its URL and stops its whole process group on exit."""
+    from sweepbench.tracking import stop_process_group
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", backend_uri or f"sqlite:///{folder / 'server.db'}", "--serve-artifacts",
+         "--artifacts-destination", str(folder / "server-artifacts")],
+        cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", process)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process_group(process)

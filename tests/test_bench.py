@@ -153,9 +153,11 @@ def test_speed_up_and_accuracy_flags_follow_the_baseline_and_tolerance(tmp_path,
                       grid="batch_sizes = [64, 128]", benchmark="accuracy_tolerance = 0.01")
     measured = {("cpu/fp32", 64): (2.0, 0.90), ("cpu/bf16", 64): (4.0, 0.895), ("cpu/fp32", 128): (1.0, 0.95),
                 ("cpu/bf16", 128): (0.5, 0.93)}
-    rows = [measured.get((cell.precision, cell.batch_size), (math.nan, math.nan)) for cell in spec.cells]
-    table = add_comparisons(pd.DataFrame(rows, columns=["epoch_s_median", "test_accuracy"]), spec.cells,
-                            spec.baseline, spec.accuracy_tolerance)
+    rows = [{"model": cell.model, **cell.axes,
+             **dict(zip(("epoch_s_median", "test_accuracy"), measured.get((cell.precision, cell.batch_size),
+                                                                       (math.nan, math.nan))))}
+            for cell in spec.cells]
+    table = add_comparisons(pd.DataFrame(rows), spec.baseline, spec.accuracy_tolerance)
     by_cell = {(cell.precision, cell.batch_size): row for cell, (_, row) in zip(spec.cells, table.iterrows())}
     assert by_cell["cpu/fp32", 64].speedup == 1 and by_cell["cpu/fp32", 64].accuracy_flag is False
     assert by_cell["cpu/bf16", 64].speedup == 0.5 and by_cell["cpu/bf16", 64].accuracy_flag is False

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -23,7 +20,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from tests.conftest import run_cli
+from tests.conftest import mlflow_server, run_cli
 from sweepbench.config import ConfigError
 from sweepbench.spec import load_spec
 from sweepbench.study import (RETRY_HISTORY, RUN_ID_ATTR, WORKER_ATTR, export_trials, load_study, make_job,
@@ -378,48 +375,20 @@ def postgres_url() -> Iterator[str]:
         admin.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
-def mlflow_server(tmp_path: Path) -> Iterator[str]:
+def tracking_server(tmp_path: Path) -> Iterator[str]:
     """A real ``mlflow server`` on 127.0.0.1 with its own store and artifact folder."""
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, "mlflow server exited"
-            with contextlib.suppress(OSError):
-                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                    break
-            assert time.monotonic() < deadline, "mlflow server did not answer within 180 s"
-            time.sleep(0.5)
+    with mlflow_server(tmp_path) as url:
         yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_workers_on_two_commands_share_a_postgresql_study_and_an_mlflow_server(
-        tmp_path: Path, data_dir: Path, postgres_url: str, mlflow_server: str) -> None:
+        tmp_path: Path, data_dir: Path, postgres_url: str, tracking_server: str) -> None:
     """Optuna's distributed mode: two independent ``study run`` commands (as on two machines) on one storage."""
     spec = write_spec(tmp_path, "distributed", n_trials=5, subset=10000)
-    args = study_args(spec, data_dir, "--storage", postgres_url, "--tracking-uri", mlflow_server)
+    args = study_args(spec, data_dir, "--storage", postgres_url, "--tracking-uri", tracking_server)
     workers = [start_cli(args, tmp_path) for _ in range(2)]
     outputs = [worker.communicate(timeout=400)[0] for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0], outputs
@@ -427,7 +396,7 @@ def test_workers_on_two_commands_share_a_postgresql_study_and_an_mlflow_server(
     assert_exactly(study, 5)
     assert [trial.number for trial in study.trials] == list(range(5))
     assert len({trial.user_attrs[WORKER_ATTR] for trial in study.trials}) == 2, "both workers ran trials"
-    parent, _ = assert_runs_match_trials(study, mlflow_server)
+    parent, _ = assert_runs_match_trials(study, tracking_server)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["best_trial_number"] == str(study.best_trial.number)
-    assert "trials.csv" in {item.path for item in MlflowClient(mlflow_server).list_artifacts(parent.info.run_id)}
+    assert "trials.csv" in {item.path for item in MlflowClient(tracking_server).list_artifacts(parent.info.run_id)}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from sweepbench.engine import Callback, StopTraining, evaluate, normalise, train
 from sweepbench.models import create_model
 from sweepbench.tracking import (MlflowLogger, default_tracking_uri, ensure_experiment, fluent_tracking_uri,
                                  git_commit, resolve_tracking_uri, stop_process_group)
-from tests.conftest import run_cli
+from tests.conftest import free_port, mlflow_server, run_cli, wait_for_http
 
 EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "epoch_seconds", "samples_per_second", "lr")
 FINAL_METRICS = ("test_accuracy", "time_to_target_seconds", "peak_memory_mb", "train_seconds", "total_seconds")
@@ -35,26 +34,6 @@ TRAIN_ARGS = ("--model-arg", "hidden_size=32", "--optimizer", "sgd", "--lr", "0.
 
 def sqlite_uri(folder: Path) -> str:
     return f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"{process.args} exited {process.returncode} before answering")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"{url} did not answer within {timeout} s")
 
 
 def quick_config(data_dir: Path, **changes) -> RunConfig:
@@ -276,33 +255,23 @@ def test_ctrl_c_or_sigterm_ends_the_run_killed(store, data_dir, signum, message)
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
+def tracking_server(tmp_path_factory):
     """A real tracking server on 127.0.0.1 with a temp SQLite backend, serving artifacts; always stopped."""
-    folder = tmp_path_factory.mktemp("server")
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--serve-artifacts",
-         "--artifacts-destination", str(folder / "artifacts")],
-        cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", process)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_process_group(process)
+    with mlflow_server(tmp_path_factory.mktemp("server")) as url:
+        yield url
 
 
 @pytest.mark.slow
-def test_a_run_logged_to_a_server_over_http_reads_back_through_report(mlflow_server, tmp_path, data_dir):
-    trained = run_cli("train", *TRAIN_ARGS, "--experiment", "remote", "--tracking-uri", mlflow_server,
+def test_a_run_logged_to_a_server_over_http_reads_back_through_report(tracking_server, tmp_path, data_dir):
+    trained = run_cli("train", *TRAIN_ARGS, "--experiment", "remote", "--tracking-uri", tracking_server,
                       "--data-dir", str(data_dir), "--json", cwd=tmp_path, check=True)
     summary = json.loads(trained.stdout.strip().splitlines()[-1])
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(tracking_server)
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:")
     assert RUN_ARTIFACTS <= {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
     assert not (tmp_path / "mlruns" / "mlflow.db").exists()
-    reported = run_cli("report", "--tracking-uri", mlflow_server, "--experiment", "remote", "--format", "json",
+    reported = run_cli("report", "--tracking-uri", tracking_server, "--experiment", "remote", "--format", "json",
                        cwd=tmp_path, check=True)
     [row] = json.loads(reported.stdout)
     assert (row["model"], row["device"], row["optimizer"], row["runs"]) == ("mnist_mlp", "cpu", "sgd", 1)

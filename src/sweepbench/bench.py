@@ -30,15 +30,12 @@ from typing import Any, Callable, Sequence
 
 import pandas as pd
 import torch
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
-
 from .config import LOADERS, ConfigError, RunConfig
 from .data import DataNotFoundError, get_dataset_entry
 from .engine import RunResult, device_name, resolve_device, train
 from .models import check_model_kwargs
 from . import report, tomlcheck
-from .tracking import MlflowLogger, as_metrics, ensure_experiment, environment_tags, flatten, resolve_tracking_uri
+from .tracking import MlflowLogger, Store, config_params, config_tags, environment_tags
 
 PRECISIONS = ("cpu/fp32", "cpu/bf16", "cuda/fp32", "cuda/tf32", "cuda/fp16", "cuda/bf16")
 SECTIONS = ("benchmark", "grid", "defaults", "models")
@@ -280,27 +277,22 @@ def skip_reason(precision: str) -> str | None:
 
 @dataclass
 class _Tracking:
-    """Where a benchmark's runs go: the parent run and the client that writes its children."""
+    """Where a benchmark's runs go: the store, the experiment and the parent run."""
 
-    client: MlflowClient
+    store: Store
     experiment: str
     experiment_id: str
-    tracking_uri: str
     parent_run_id: str
 
-    def create_child(self, run_name: str, tags: dict[str, str]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=run_name,
-                                     tags={"mlflow.parentRunId": self.parent_run_id, **tags})
-        return run.info.run_id
-
-    def terminate(self, run_id: str, mlflow_status: str, tags: dict[str, str]) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
-        self.client.set_terminated(run_id, mlflow_status)
+    def start_cell(self, cell: Cell, tags: dict[str, str]) -> str:
+        return self.store.start_run(self.experiment_id, cell.label, "cell", {**_cell_tags(cell), **tags},
+                                    config_params(cell.config), self.parent_run_id)
 
 
 def _cell_tags(cell: Cell) -> dict[str, str]:
-    return {"benchmark_cell": cell.label, "model": cell.model, "bench_precision": cell.precision,
-            "loader": cell.loader, "compile": str(cell.compile), "batch_size": str(cell.batch_size)}
+    """The run schema's identity tags for a cell, plus which cell it is."""
+    return {**config_tags(cell.config), "device": cell.device, "benchmark_cell": cell.label,
+            "bench_precision": cell.precision, "compile": str(cell.compile)}
 
 
 def _run_repeats(cell: Cell, repeats: int, tracking: _Tracking,
@@ -308,9 +300,9 @@ def _run_repeats(cell: Cell, repeats: int, tracking: _Tracking,
     """The repeats' results, and the 1-minute load average after each: other work on the machine shows there."""
     results, loads = [], []
     for repeat in range(1, repeats + 1):
-        logger = MlflowLogger(tracking.experiment, tracking.tracking_uri, run_name=f"{cell.label} repeat {repeat}",
-                              parent_run_id=cell_run_id, tags={"repeat": str(repeat)}, log_model=False,
-                              log_artifacts=False)
+        logger = MlflowLogger(tracking.experiment, tracking.store.tracking_uri, f"{cell.label} repeat {repeat}",
+                              cell_run_id, tags={"repeat": str(repeat), "benchmark_cell": cell.label},
+                              log_model=False, log_artifacts=False, kind="repeat")
         results.append(train(cell.config.replace(seed=cell.config.seed + repeat - 1), [logger]))
         loads.append(os.getloadavg()[0])
         if results[-1].status != "completed":
@@ -326,35 +318,34 @@ def run_cell(cell: Cell, spec: BenchSpec, tracking: _Tracking) -> CellOutcome:
     """
     reason = skip_reason(cell.precision)
     hardware = {} if reason else environment_tags(resolve_device(cell.device))
-    run_id = tracking.create_child(cell.label, {**hardware, **_cell_tags(cell)})
-    tracking.client.log_batch(run_id, params=[Param(k, v) for k, v in flatten(cell.config.to_dict()).items()])
+    store, run_id = tracking.store, tracking.start_cell(cell, hardware)
     if reason is not None:
         outcome = CellOutcome(cell, f"skipped: {reason}", run_id, cell_figures(cell, [], spec.warmup_epochs))
-        tracking.terminate(run_id, "KILLED", {"status": outcome.status, "skipped": reason})
+        store.end_run(run_id, "KILLED", {"status": outcome.status, "skipped": reason})
         return outcome
     try:
         results, loads = _run_repeats(cell, spec.repeats, tracking, run_id)
     except KeyboardInterrupt:
-        tracking.terminate(run_id, "KILLED", {"status": "killed: interrupted"})
+        store.end_run(run_id, "KILLED", {"status": "killed: interrupted"})
         raise
     except Exception as exc:
         outcome = CellOutcome(cell, f"failed: {type(exc).__name__}: {exc}", run_id,
                               cell_figures(cell, [], spec.warmup_epochs))
-        tracking.terminate(run_id, "FAILED", {"status": outcome.status})
+        store.end_run(run_id, "FAILED", {"status": outcome.status})
         if isinstance(exc, (ConfigError, DataNotFoundError)):
             raise
         return outcome
     status = "ok" if results[-1].status == "completed" else f"{results[-1].status}: {results[-1].message}"
     outcome = CellOutcome(cell, status, run_id, cell_figures(cell, results, spec.warmup_epochs, loads))
-    tracking.client.log_batch(run_id, metrics=_metrics(outcome.figures))
-    tracking.terminate(run_id, "FINISHED" if status == "ok" else "FAILED", {"status": status})
+    store.log(run_id, metrics=_finite(outcome.figures))
+    store.end_run(run_id, "FINISHED" if status == "ok" else "FAILED", {"status": status})
     return outcome
 
 
-def _metrics(values: dict[str, Any]) -> list[Metric]:
-    """The finite numbers among ``values`` as MLflow metrics (skipped cells have none)."""
-    return as_metrics({key: value for key, value in values.items() if isinstance(value, (int, float))
-                       and not isinstance(value, bool) and math.isfinite(value)}, 0)
+def _finite(values: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers among ``values`` (skipped cells have none), as metrics to log."""
+    return {key: value for key, value in values.items() if isinstance(value, (int, float))
+            and not isinstance(value, bool) and math.isfinite(value)}
 
 
 # ---- figures and the table ----------------------------------------------------------------------------------
@@ -393,31 +384,21 @@ def cell_figures(cell: Cell, results: Sequence[RunResult], warmup_epochs: int,
 def build_table(outcomes: Sequence[CellOutcome], spec: BenchSpec) -> pd.DataFrame:
     """One row per cell, in grid order, with speed-up and accuracy against each cell's baseline cell."""
     rows = [{"model": o.cell.model, **o.cell.axes, "status": o.status, **o.figures} for o in outcomes]
-    table = pd.DataFrame(rows)
-    return add_comparisons(table, [o.cell for o in outcomes], spec.baseline, spec.accuracy_tolerance)
+    return add_comparisons(pd.DataFrame(rows), spec.baseline, spec.accuracy_tolerance)
 
 
-def add_comparisons(table: pd.DataFrame, cells: Sequence[Cell], baseline: dict[str, Any],
-                    tolerance: float) -> pd.DataFrame:
-    """Adds ``speedup`` (baseline median epoch seconds / the cell's), ``accuracy_delta`` (test accuracy minus
-    the baseline's) and ``accuracy_flag`` (delta below ``-tolerance``); empty where either side has no figure."""
-    row_of = {cell.key: index for index, cell in enumerate(cells)}
-    base = [row_of.get(cell.baseline_key(baseline)) for cell in cells]
-    seconds, accuracy = (table[column].to_numpy(dtype="float64", na_value=math.nan)
-                         for column in ("epoch_s_median", "test_accuracy"))
-    table = table.copy()
-    table["speedup"] = [math.nan if i is None else seconds[i] / own for i, own in zip(base, seconds)]
-    table["accuracy_delta"] = [math.nan if i is None else own - accuracy[i] for i, own in zip(base, accuracy)]
+def add_comparisons(table: pd.DataFrame, baseline: dict[str, Any], tolerance: float) -> pd.DataFrame:
+    """``report.add_comparisons`` over the cells (model and axes as keys): ``speedup`` (baseline median epoch
+    seconds / the cell's), ``accuracy_delta`` (test accuracy minus the baseline's) and ``accuracy_flag`` (delta
+    below ``-tolerance``); empty where either side has no figure (a skipped cell)."""
+    figures = ["epoch_s_median", "test_accuracy"]
+    table = table.astype({column: "float64" for column in figures})
+    table, _ = report.add_comparisons(table, ["model", *BASELINE_KEYS], baseline,
+                                      ratios=[("epoch_s_median", "speedup", True)],
+                                      deltas=[("test_accuracy", "accuracy_delta")])
     table["accuracy_flag"] = [None if pd.isna(delta) else bool(delta < -tolerance)
                               for delta in table["accuracy_delta"]]
     return table
-
-
-def render_table(table: pd.DataFrame, fmt: str) -> str:
-    """``report.export_table``, with missing figures (skipped cells) left blank in markdown instead of nan."""
-    if fmt == "md":
-        table = table.astype(object).where(table.notna(), None)
-    return report.export_table(table, fmt)
 
 
 def plot_speedups(table: pd.DataFrame) -> Any:
@@ -440,35 +421,27 @@ def _parent_tags(spec: BenchSpec) -> dict[str, str]:
 
 def _log_report(tracking: _Tracking, spec: BenchSpec, outcomes: Sequence[CellOutcome], table: pd.DataFrame) -> None:
     """Comparisons on each cell run; the table, chart and spec on the parent."""
+    store, parent = tracking.store, tracking.parent_run_id
     for outcome, (_, row) in zip(outcomes, table.iterrows()):
-        comparison = {"speedup": row["speedup"], "accuracy_delta": row["accuracy_delta"]}
-        tags = [] if row["accuracy_flag"] is None else [RunTag("accuracy_flag", str(row["accuracy_flag"]))]
-        tracking.client.log_batch(outcome.run_id, metrics=_metrics(comparison), tags=tags)
-    parent = tracking.parent_run_id
+        flag = {} if row["accuracy_flag"] is None else {"accuracy_flag": str(row["accuracy_flag"])}
+        store.log(outcome.run_id, metrics=_finite({"speedup": row["speedup"],
+                                                   "accuracy_delta": row["accuracy_delta"]}), tags=flag)
     for fmt in ("csv", "md", "html"):
-        tracking.client.log_text(parent, render_table(table, fmt), f"table.{fmt}")
-    figure = plot_speedups(table)
-    try:
-        tracking.client.log_figure(parent, figure, "speedup.png")
-    finally:
-        import matplotlib.pyplot as plt
-
-        plt.close(figure)
+        store.log_text(parent, report.export_table(table, fmt, title=f"benchmark {spec.name}"), f"table.{fmt}")
+    store.log_figure(parent, plot_speedups(table), "speedup.png")
     if spec.text:
-        tracking.client.log_text(parent, spec.text, f"{spec.name}.toml")
+        store.log_text(parent, spec.text, f"{spec.name}.toml")
 
 
 def run_benchmark(spec: BenchSpec, tracking_uri: str | None = None, experiment: str | None = None,
                   on_cell: Callable[[CellOutcome], None] | None = None) -> BenchReport:
     """Runs every cell of ``spec`` under one MLflow parent run and returns the table."""
-    uri = resolve_tracking_uri(tracking_uri)
+    store = Store(tracking_uri)
     experiment = experiment or f"bench-{spec.name}"
-    experiment_id = ensure_experiment(experiment, uri)
-    client = MlflowClient(uri)
-    parent = client.create_run(experiment_id, run_name=spec.name, tags=_parent_tags(spec))
-    tracking = _Tracking(client, experiment, experiment_id, uri, parent.info.run_id)
-    status = "FAILED"
-    try:
+    experiment_id = store.experiment(experiment, spec.description or None)
+    parent_run_id = store.start_run(experiment_id, spec.name, "bench", _parent_tags(spec))
+    tracking = _Tracking(store, experiment, experiment_id, parent_run_id)
+    with store.lifecycle(parent_run_id):
         outcomes = []
         for cell in spec.cells:
             outcomes.append(run_cell(cell, spec, tracking))
@@ -476,10 +449,4 @@ def run_benchmark(spec: BenchSpec, tracking_uri: str | None = None, experiment: 
                 on_cell(outcomes[-1])
         table = build_table(outcomes, spec)
         _log_report(tracking, spec, outcomes, table)
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        client.set_terminated(tracking.parent_run_id, status)
-    return BenchReport(spec, outcomes, table, tracking.parent_run_id, experiment, uri)
+    return BenchReport(spec, outcomes, table, parent_run_id, experiment, store.tracking_uri)

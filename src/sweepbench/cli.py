@@ -177,13 +177,18 @@ def _add_report_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("report", help="comparison tables and charts from MLflow runs")
     parser.add_argument("--experiment", action="append", help="experiment to read (repeatable; default: all)")
     parser.add_argument("--filter", default="", help="MLflow search filter, e.g. \"params.optimizer = 'sgd'\"")
-    parser.add_argument("--status", default="FINISHED", help="FINISHED, FAILED, KILLED, RUNNING or all")
+    parser.add_argument("--status", default="FINISHED", help="FINISHED, FAILED, KILLED (pruned trials among them), "
+                                                             "RUNNING or all")
+    parser.add_argument("--kind", default="train,trial,repeat",
+                        help="run kinds, comma-separated: the runs that train (train, trial, repeat: the default) "
+                             "and the summaries (study, bench, cell)")
     parser.add_argument("--group-by", default="model,dataset,device,precision,optimizer",
                         help="comma-separated params/tags to group by (tags first: device is the device used)")
     parser.add_argument("--metrics", help="comma-separated metrics (default: accuracies, times, throughput, memory)")
     parser.add_argument("--spread", default="range", help="spread across repeats: range, iqr or std")
     parser.add_argument("--baseline", metavar="KEY=VALUE[,...]",
-                        help="baseline group for speed-ups, e.g. device=cpu,precision=fp32 (default: first row)")
+                        help="baseline group for speed-ups, e.g. precision=fp32 (default: device=cpu, precision=fp32, "
+                             "loader=torchvision, compile=False for the keys that vary)")
     parser.add_argument("--format", help="md, csv, json, html or latex (default: from --output's suffix, else md)")
     parser.add_argument("--output", help="file to write (default: stdout)")
     parser.add_argument("--plot", metavar="DIR", help="write PNG charts (accuracy vs time, speed-ups) to DIR")
@@ -196,21 +201,24 @@ def _add_report_parser(commands: argparse._SubParsersAction) -> None:
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .report import comparison_table, export_table, format_for_path, load_runs, parse_baseline, write_plots
+    from .report import compare_runs, export_table, format_for_path, load_runs, parse_baseline, write_plots
     from .tracking import resolve_tracking_uri
 
-    group_by = _split(args.group_by)
-    runs = load_runs(resolve_tracking_uri(args.tracking_uri), args.experiment, args.filter, args.status)
-    table = comparison_table(runs, group_by, _split(args.metrics), args.spread,
-                             parse_baseline(args.baseline) if args.baseline else None)
-    text = export_table(table, args.format or (args.output and format_for_path(args.output)) or "md")
+    runs = load_runs(resolve_tracking_uri(args.tracking_uri), args.experiment, args.filter, args.status,
+                     _split(args.kind))
+    comparison = compare_runs(runs, _split(args.group_by), _split(args.metrics), args.spread,
+                              parse_baseline(args.baseline) if args.baseline else None)
+    for note in comparison.notes:
+        print(f"note: {note}", file=sys.stderr)
+    text = export_table(comparison.table, args.format or (args.output and format_for_path(args.output)) or "md",
+                        comparison.notes, f"sweepbench report: {', '.join(args.experiment or ['all experiments'])}")
     if args.output:
         Path(args.output).write_text(text + "\n")
         print(f"wrote {args.output}", file=sys.stderr)
     else:
         print(text)
     if args.plot:
-        for path in write_plots(runs, table, group_by, args.plot, args.accuracy_metric, args.time_metric):
+        for path in write_plots(runs, comparison, args.plot, args.accuracy_metric, args.time_metric):
             print(f"wrote {path}", file=sys.stderr)
     return 0
 
@@ -235,7 +243,7 @@ def _add_study_parser(commands: argparse._SubParsersAction) -> None:
     run.set_defaults(handler=_study_run)
     show = study_commands.add_parser("show", help="print the best trials and each parameter's importance")
     _add_stored_study_args(show)
-    show.add_argument("--limit", type=int, default=10, help="trials to list (default: 10)")
+    show.add_argument("--limit", type=int, default=10, help="trials to list, best first (default: 10; 0: all)")
     show.set_defaults(handler=_study_show)
     export = study_commands.add_parser("export", help="export the trials table (study.trials_dataframe())")
     _add_stored_study_args(export)
@@ -306,8 +314,8 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
 def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .bench import load_spec, render_table, run_benchmark
-    from .report import EXPORT_FORMATS
+    from .bench import load_spec, run_benchmark
+    from .report import EXPORT_FORMATS, export_table
 
     if args.format not in EXPORT_FORMATS:
         raise UsageError(f"--format: {args.format!r} is not allowed; choose one of: {', '.join(EXPORT_FORMATS)}")
@@ -316,7 +324,7 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"benchmark {spec.name}: {len(spec.cells)} cells x {spec.repeats} repeats", file=sys.stderr, flush=True)
     report = run_benchmark(spec, args.tracking_uri, args.experiment,
                            on_cell=lambda outcome: print(outcome.describe(), file=sys.stderr, flush=True))
-    text = render_table(report.table, args.format)
+    text = export_table(report.table, args.format, title=f"benchmark {report.spec.name}")
     print(text)
     if args.output:
         Path(args.output).write_text(text + "\n")

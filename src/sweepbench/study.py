@@ -47,16 +47,13 @@ import optuna
 import pandas as pd
 import sqlalchemy
 import torch
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from . import engine
 from .config import ConfigError, RunConfig
 from .spec import EPOCH_METRICS, ParamSpec, StudySpec
-from .tracking import MlflowLogger, ensure_experiment, environment_tags, resolve_tracking_uri
+from .tracking import MlflowLogger, Store, config_params, environment_tags, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -306,9 +303,7 @@ class StaleTrialHandler:
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
         if run_id:
-            client = MlflowClient(self.tracking_uri)
-            client.set_tag(run_id, ERROR_ATTR, "its worker stopped sending heartbeats (killed?)")
-            client.set_terminated(run_id, "FAILED")
+            Store(self.tracking_uri).fail_run(run_id, "its worker stopped sending heartbeats (killed?)")
         retried = retry_trial(study, trial)
         log.warning(f"trial {trial.number}: its worker stopped sending heartbeats; marked FAIL"
                     + (", queued again" if retried else f", not retried ({MAX_RETRIES} retries used)"))
@@ -404,18 +399,17 @@ class TrialCallback(engine.Callback):
 
 
 def _trial_tags(spec: StudySpec, trial: optuna.Trial) -> dict[str, str]:
-    return {"sweepbench.kind": "trial", "optuna.study_name": spec.name, "optuna.trial_number": str(trial.number)}
+    return {"optuna.study_name": spec.name, "optuna.trial_number": str(trial.number)}
 
 
 def _record_failed_run(job: StudyJob, trial: optuna.Trial, parent_run_id: str, message: str) -> None:
-    """A FAILED child run for a trial that failed before training started (a bad config, say)."""
-    client = MlflowClient(job.tracking_uri)
-    experiment_id = ensure_experiment(job.spec.name, job.tracking_uri)
-    tags = {**_trial_tags(job.spec, trial), "mlflow.parentRunId": parent_run_id, "status": "failed",
-            ERROR_ATTR: message[:MLFLOW_TEXT_LIMIT]}
-    run_id = client.create_run(experiment_id, tags=tags, run_name=f"trial-{trial.number:04d}").info.run_id
-    client.log_batch(run_id, params=[Param(name, str(value)) for name, value in trial.params.items()])
-    client.set_terminated(run_id, "FAILED")
+    """A FAILED child run for a trial that failed before training started (a bad config, say): the study's
+    settings with the trial's parameters over them, as params."""
+    store = Store(job.tracking_uri)
+    params = {**config_params(job.spec.base_config), **{name: str(value) for name, value in trial.params.items()}}
+    run_id = store.start_run(store.experiment(job.spec.name), f"trial-{trial.number:04d}", "trial",
+                             {**_trial_tags(job.spec, trial), "status": "failed"}, params, parent_run_id)
+    store.fail_run(run_id, message)
     trial.set_user_attr(RUN_ID_ATTR, run_id)
 
 
@@ -453,7 +447,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, job: StudyJob, storage: 
     trial.set_user_attr(WORKER_ATTR, f"{platform.node()}:{os.getpid()}")
     mlflow_logger = MlflowLogger(spec.name, job.tracking_uri, run_name=f"trial-{trial.number:04d}",
                                  parent_run_id=parent_run_id, tags=_trial_tags(spec, trial), log_model=False,
-                                 log_artifacts=False)
+                                 log_artifacts=False, kind="trial")
     single_epoch_metric = len(spec.objectives) == 1 and spec.metric_names[0] in EPOCH_METRICS
     callback = TrialCallback(trial, mlflow_logger, spec.metric_names[0] if single_epoch_metric else None)
     with _heartbeat(storage, trial._trial_id, job.heartbeat_interval):
@@ -565,41 +559,29 @@ def _stop_workers(processes: list[multiprocessing.process.BaseProcess], signum: 
         process.join()
 
 
-def _open_parent_run(study: optuna.Study, job: StudyJob) -> str:
+def _open_parent_run(study: optuna.Study, job: StudyJob, store: Store) -> str:
     """The study's MLflow parent run: created once (its id kept in the study), reopened on every resume."""
-    client = MlflowClient(job.tracking_uri)
     with storage_lock(job.storage_url):
         run_id = study.user_attrs.get(PARENT_RUN_ATTR)
-        if run_id and _run_exists(client, run_id):
-            client.update_run(run_id, status="RUNNING")
+        if run_id and store.reopen(run_id):
             return run_id
-        run_id = _create_parent_run(client, job)
+        run_id = _create_parent_run(store, job)
         study.set_user_attr(PARENT_RUN_ATTR, run_id)
         return run_id
 
 
-def _run_exists(client: MlflowClient, run_id: str) -> bool:
-    try:
-        client.get_run(run_id)
-    except MlflowException:
-        return False
-    return True
-
-
-def _create_parent_run(client: MlflowClient, job: StudyJob) -> str:
+def _create_parent_run(store: Store, job: StudyJob) -> str:
     spec = job.spec
     device = engine.resolve_device(spec.base_config.device)
-    tags = {**environment_tags(device), "sweepbench.kind": "study", "optuna.study_name": spec.name,
-            "optuna.storage": redact(job.storage_url), "spec": spec.source, "description": spec.description}
-    experiment_id = ensure_experiment(spec.name, job.tracking_uri)
-    run_id = client.create_run(experiment_id, tags=tags, run_name=f"study-{spec.name}").info.run_id
+    tags = {**environment_tags(device), "optuna.study_name": spec.name, "optuna.storage": redact(job.storage_url),
+            "spec": spec.source, "description": spec.description}
     search = "; ".join(f"{param.name}: {_describe(param)}" for param in spec.search)
     params = {"model": spec.base_config.model, "dataset": spec.base_config.dataset,
               "objectives": ", ".join(f"{o.metric} ({o.direction})" for o in spec.objectives),
               "sampler": spec.sampler, "sampler_seed": spec.sampler_seed, "pruner": spec.pruner,
               "pruner_options": spec.pruner_options, "search_space": search[:MLFLOW_TEXT_LIMIT]}
-    client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
-    return run_id
+    experiment_id = store.experiment(spec.name, spec.description or None)
+    return store.start_run(experiment_id, f"study-{spec.name}", "study", tags, params)
 
 
 def _describe(param: ParamSpec) -> str:
@@ -618,39 +600,36 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
     return max(candidates, key=lambda trial: sign * trial.values[0])
 
 
-def finalize_study(study: optuna.Study, job: StudyJob, parent_run_id: str, status: str) -> None:
+def log_study_outcome(study: optuna.Study, job: StudyJob, store: Store, parent_run_id: str) -> None:
     """Logs the study's outcome to its parent run: trial counts, the best trial (number, params, values,
-    checkpoint), the trials table as CSV, Optuna's plots as PNG; then sets the run's final status."""
-    client = MlflowClient(job.tracking_uri)
+    checkpoint), the trials table as CSV, Optuna's plots as PNG."""
     trials = study.get_trials(deepcopy=False)
-    now, step = int(time.time() * 1000), Tally.of(trials).finished
     counts = {f"n_{state.name.lower()}": sum(t.state == state for t in trials) for state in TrialState}
-    metrics = [Metric(key, value, now, step) for key, value in counts.items()]
+    metrics: dict[str, float] = dict(counts)
     tags = {"n_trials_target": str(job.spec.target_trials())}
     best = best_trial(study)
     if best is not None:
-        metrics += [Metric(f"best_{name}", value, now, step) for name, value in zip(job.spec.metric_names, best.values)]
-        metrics.append(Metric("best_trial_number", best.number, now, step))
+        metrics.update({f"best_{name}": value for name, value in zip(job.spec.metric_names, best.values)})
+        metrics["best_trial_number"] = best.number
         tags.update({"best_trial_number": str(best.number), "best_run_id": best.user_attrs.get(RUN_ID_ATTR, ""),
                      **{f"best.{name}": str(value) for name, value in best.params.items()}})
-        _log_checkpoint(client, parent_run_id, best, tags)
+        _log_checkpoint(store, parent_run_id, best, tags)
     if len(study.directions) > 1:
         tags["pareto_trial_numbers"] = ",".join(str(trial.number) for trial in study.best_trials)
-    client.log_batch(parent_run_id, metrics=metrics, tags=[RunTag(key, value) for key, value in tags.items()])
-    client.log_text(parent_run_id, study.trials_dataframe().to_csv(index=False), "trials.csv")
+    store.log(parent_run_id, metrics=metrics, tags=tags, step=Tally.of(trials).finished)
+    store.log_text(parent_run_id, export_trials(study, "csv"), "trials.csv")
     if Path(job.spec.source).is_file():
-        client.log_artifact(parent_run_id, job.spec.source, "spec")
-    _log_plots(client, parent_run_id, study, job.spec)
-    client.set_terminated(parent_run_id, status)
+        store.log_artifact(parent_run_id, job.spec.source, "spec")
+    _log_plots(store, parent_run_id, study, job.spec)
 
 
-def _log_checkpoint(client: MlflowClient, parent_run_id: str, best: FrozenTrial, tags: dict[str, str]) -> None:
+def _log_checkpoint(store: Store, parent_run_id: str, best: FrozenTrial, tags: dict[str, str]) -> None:
     """Links the best trial's checkpoint: its path as a tag, and the file itself when it is on this machine."""
     path = best.user_attrs.get("checkpoint")
     if path:
         tags["best_checkpoint"] = path
         if Path(path).is_file():
-            client.log_artifact(parent_run_id, path, "best_checkpoint")
+            store.log_artifact(parent_run_id, path, "best_checkpoint")
 
 
 def _study_plots(study: optuna.Study, spec: StudySpec) -> dict[str, Callable[[], Any]]:
@@ -670,13 +649,12 @@ def _study_plots(study: optuna.Study, spec: StudySpec) -> dict[str, Callable[[],
     return figures
 
 
-def _log_plots(client: MlflowClient, run_id: str, study: optuna.Study, spec: StudySpec) -> None:
+def _log_plots(store: Store, run_id: str, study: optuna.Study, spec: StudySpec) -> None:
     """Optuna's matplotlib plots (no plotly or kaleido needed); a plot the data cannot make yet (importances
     from one trial, say) is skipped with a warning."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     for name, plot in _study_plots(study, spec).items():
         try:
@@ -686,12 +664,8 @@ def _log_plots(client: MlflowClient, run_id: str, study: optuna.Study, spec: Stu
         except (ValueError, RuntimeError) as exc:
             log.warning(f"plot {name} skipped: {exc}")
             continue
-        figure = axes.figure
-        try:
-            figure.tight_layout()
-            client.log_figure(run_id, figure, f"plots/{name}.png")
-        finally:
-            plt.close(figure)
+        axes.figure.tight_layout()
+        store.log_figure(run_id, axes.figure, f"plots/{name}.png")
 
 
 @dataclass
@@ -737,19 +711,18 @@ def run_study(job: StudyJob) -> StudyOutcome:
     storage = open_storage(job)
     study = load_study(job, storage)
     finished_before = Tally.of(study.get_trials(deepcopy=False)).finished
-    parent_run_id = _open_parent_run(study, job)
-    status = "FAILED"
-    try:
-        _run_workers(job)
-        tally = Tally.of(study.get_trials(deepcopy=False))
-        gave_up = tally.failed >= job.spec.max_failed_trials and tally.finished < job.spec.target_trials()
-        status = "FAILED" if gave_up else "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        finalize_study(study, job, parent_run_id, status)
-    return StudyOutcome(study, job, parent_run_id, status, tally, finished_before, time.perf_counter() - started)
+    store = Store(job.tracking_uri)
+    parent_run_id = _open_parent_run(study, job, store)
+    with store.lifecycle(parent_run_id) as outcome:
+        try:
+            _run_workers(job)
+            tally = Tally.of(study.get_trials(deepcopy=False))
+            if tally.failed >= job.spec.max_failed_trials and tally.finished < job.spec.target_trials():
+                outcome.status = "FAILED"
+        finally:
+            log_study_outcome(study, job, store, parent_run_id)
+    return StudyOutcome(study, job, parent_run_id, outcome.status, tally, finished_before,
+                        time.perf_counter() - started)
 
 
 STATE_ORDER = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1, TrialState.RUNNING: 2, TrialState.WAITING: 3,
@@ -776,7 +749,7 @@ def trials_table(study: optuna.Study, limit: int | None = None) -> pd.DataFrame:
     """The comparison table, best trial first: state, objective values, parameters, epochs, seconds, error."""
     names = metric_names(study)
     rows = []
-    for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: _rank_key(study, t))[:limit]:
+    for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: _rank_key(study, t))[:limit or None]:
         row: dict[str, Any] = {"trial": trial.number, "state": trial.state.name}
         row.update(zip(names, trial.values or [None] * len(names)))
         row.update(trial.params)
@@ -824,6 +797,9 @@ def describe_study(study: optuna.Study, limit: int = 10) -> str:
     table = trials_table(study, limit)
     if not table.empty:
         lines += ["", export_table(table, "md")]
+    left_out = len(study.get_trials(deepcopy=False)) - len(table)
+    if left_out > 0:
+        lines.append(f"... and {left_out} more trial(s) not shown (--limit 0 shows all)")
     return "\n".join(lines)
 
 
@@ -837,7 +813,16 @@ def describe_importances(study: optuna.Study) -> str:
 
 
 def export_trials(study: optuna.Study, fmt: str) -> str:
-    """``study.trials_dataframe()`` in one of the report formats (md, csv, html, ...)."""
+    """Every trial in one of the report formats (md, csv, html, ...): number, state, objective values,
+    parameters (``params_*``), start and end times (ISO 8601), duration in seconds and the trial's own
+    attributes (``user_attrs_*``); Optuna's internal ``system_attrs`` are left out."""
     from .report import export_table
 
-    return export_table(study.trials_dataframe(), fmt)
+    table = study.trials_dataframe(attrs=("number", "state", "value", "datetime_start", "datetime_complete",
+                                          "duration", "params", "user_attrs"))
+    if "duration" in table:
+        table.insert(table.columns.get_loc("duration"), "duration_seconds", table.pop("duration").dt.total_seconds())
+    for column in ("datetime_start", "datetime_complete"):
+        if column in table:
+            table[column] = table[column].map(lambda value: None if pd.isna(value) else value.isoformat())
+    return export_table(table, fmt, title=f"study {study.study_name}: trials")

@@ -1,0 +1,81 @@
+"""Tables as text: markdown, CSV, JSON, a styled HTML page, LaTeX. Missing figures are blank, never ``NaN``."""
+
+from __future__ import annotations
+
+import html
+import json
+from typing import Any, Sequence
+
+import pandas as pd
+
+from ..config import ConfigError
+
+EXPORT_FORMATS = ("md", "csv", "json", "html", "latex")
+FORMAT_SUFFIXES = {"tex": "latex", "markdown": "md", "htm": "html"}
+HTML_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+h1 { font-size: 1.3em; }
+ul.notes { color: #555; font-size: 0.9em; }
+table { border-collapse: collapse; font-size: 0.9em; }
+th, td { padding: 0.3em 0.7em; border-bottom: 1px solid #ddd; }
+th { background: #f3f3f3; text-align: left; position: sticky; top: 0; }
+td.number { text-align: right; font-variant-numeric: tabular-nums; }
+tr:hover td { background: #f7fbff; }
+"""
+
+
+def format_for_path(path: str) -> str | None:
+    """The export format a file name asks for (``.md``, ``.csv``, ``.json``, ``.html``, ``.tex``)."""
+    suffix = str(path).rsplit(".", 1)[-1].lower() if "." in str(path) else ""
+    return FORMAT_SUFFIXES.get(suffix, suffix if suffix in EXPORT_FORMATS else None)
+
+
+def _json_value(value: Any) -> Any:
+    """Timestamps as ISO 8601; numpy scalars as numbers."""
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def _blank_missing(table: pd.DataFrame) -> pd.DataFrame:
+    return table.astype(object).where(table.notna(), None)
+
+
+def _html_cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return '<td class="number"></td>'
+    if isinstance(value, float):
+        return f'<td class="number">{value:.4g}</td>'
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f'<td class="number">{value}</td>'
+    return f"<td>{html.escape(str(value))}</td>"
+
+
+def html_page(table: pd.DataFrame, title: str = "sweepbench comparison", notes: Sequence[str] = ()) -> str:
+    """A self-contained page: the title, the notes, and the table with numbers to 4 significant digits."""
+    header = "".join(f"<th>{html.escape(str(column))}</th>" for column in table.columns)
+    rows = "\n".join("<tr>" + "".join(_html_cell(value) for value in row) + "</tr>"
+                     for row in _blank_missing(table).itertuples(index=False))
+    note_items = "".join(f"<li>{html.escape(note)}</li>" for note in notes)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{HTML_STYLE}</style></head>\n<body><h1>{html.escape(title)}</h1>\n"
+            + (f'<ul class="notes">{note_items}</ul>\n' if notes else "")
+            + f"<table>\n<thead><tr>{header}</tr></thead>\n<tbody>\n{rows}\n</tbody></table>\n</body></html>")
+
+
+def export_table(table: pd.DataFrame, fmt: str, notes: Sequence[str] = (), title: str = "sweepbench comparison") -> str:
+    """Renders a table as text in one of ``EXPORT_FORMATS``; csv and json parse back to the same numbers.
+    ``notes`` go into the HTML page (other formats stay plain tables: print the notes beside them)."""
+    if fmt == "md":
+        return _blank_missing(table).to_markdown(index=False, floatfmt=".4g")
+    if fmt == "csv":
+        return table.to_csv(index=False)
+    if fmt == "json":
+        return json.dumps(_blank_missing(table).to_dict(orient="records"), indent=2, default=_json_value)
+    if fmt == "html":
+        return html_page(table, title, notes)
+    if fmt == "latex":
+        return table.to_latex(index=False, float_format="%.4g", na_rep="")
+    raise ConfigError(f"format: {fmt!r} is not allowed; choose one of: {', '.join(EXPORT_FORMATS)}")

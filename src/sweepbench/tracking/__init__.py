@@ -1,0 +1,20 @@
+"""The tracking layer: the only code that speaks to MLflow.
+
+- ``store``: where runs go (URIs), experiments, and the life of a run (``Store``);
+- ``schema``: the run schema every run follows (kinds, params, tags), and how old runs are read;
+- ``logger``: the engine callback that logs a training run (``MlflowLogger``);
+- ``ui``: the MLflow UI command.
+"""
+
+from .logger import MlflowLogger, fluent_tracking_uri, train_tracked
+from .schema import (KIND_TAG, RUN_KINDS, SUMMARY_KINDS, TRAINING_KINDS, config_params, config_tags,
+                     environment_tags, flatten, git_commit, run_kind)
+from .store import (RunOutcome, Store, artifact_root, as_metrics, default_tracking_uri, ensure_experiment,
+                    is_server, resolve_tracking_uri, sqlite_path)
+from .ui import serve, stop_process_group, ui_command
+
+__all__ = ["KIND_TAG", "RUN_KINDS", "SUMMARY_KINDS", "TRAINING_KINDS", "MlflowLogger", "RunOutcome", "Store",
+           "artifact_root", "as_metrics", "config_params", "config_tags", "default_tracking_uri",
+           "ensure_experiment", "environment_tags", "flatten", "fluent_tracking_uri", "git_commit", "is_server",
+           "resolve_tracking_uri", "run_kind", "serve", "sqlite_path", "stop_process_group", "train_tracked",
+           "ui_command"]

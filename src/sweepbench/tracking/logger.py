@@ -1,0 +1,190 @@
+"""The engine callback that logs one training run to the store, in the run schema (``schema``)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from mlflow.entities import Metric
+
+from ..config import RunConfig
+from ..engine import Callback, EpochRecord, RunResult, TrainContext, normalise, train
+from .schema import config_params, environment_record, training_tags
+from .store import TRACKING_URI_ENV, Store, as_metrics
+
+MODEL_NAME = "model"
+INPUT_EXAMPLE_SIZE = 4
+
+RUN_STATUS = {
+    "completed": "FINISHED",
+    "diverged": "FAILED",
+    "failed": "FAILED",
+    "killed": "KILLED",
+    "pruned": "KILLED",
+    "stopped": "KILLED",
+}
+
+
+def epoch_metrics(record: EpochRecord) -> list[Metric]:
+    return as_metrics({"train_loss": record.train_loss, "val_loss": record.val_loss,
+                       "val_accuracy": record.val_accuracy, "epoch_seconds": record.epoch_seconds,
+                       "samples_per_second": record.samples_per_second, "lr": record.lr,
+                       "eval_seconds": record.eval_seconds}, record.epoch)
+
+
+def final_metrics(result: RunResult, logging_seconds: float) -> list[Metric]:
+    return as_metrics({"test_accuracy": result.test_accuracy, "test_loss": result.test_loss,
+                       "best_val_accuracy": result.best_val_accuracy,
+                       "time_to_target_seconds": result.time_to_target_seconds,
+                       "peak_memory_mb": result.peak_memory_mb, "train_seconds": result.train_seconds,
+                       "total_seconds": result.wall_seconds, "epoch_logging_seconds": logging_seconds},
+                      len(result.history))
+
+
+def per_class_csv(per_class_accuracy: dict[str, float]) -> str:
+    rows = [f'"{name}",{accuracy!r}' for name, accuracy in per_class_accuracy.items()]
+    return "\n".join(["class,accuracy", *rows]) + "\n"
+
+
+class MlflowLogger(Callback):
+    """Logs one training run of ``kind`` (``train``, ``trial`` or ``repeat``): params and tags at the start,
+    one batch of metrics per epoch, then final metrics and artifacts, and always a terminal status (FINISHED,
+    FAILED or KILLED), never RUNNING."""
+
+    def __init__(self, experiment: str, tracking_uri: str | None = None, run_name: str | None = None,
+                 parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+                 log_model: bool = True, log_artifacts: bool = True, kind: str = "train") -> None:
+        self.store = Store(tracking_uri)
+        self.experiment, self.kind = experiment, kind
+        self.run_name, self.parent_run_id = run_name, parent_run_id
+        self.tags = dict(tags or {})
+        self.log_model, self.log_artifacts = log_model, log_artifacts
+        self.run_id: str | None = None
+        self.start_logging_seconds = self.epoch_logging_seconds = self.end_logging_seconds = 0.0
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.store.tracking_uri
+
+    @property
+    def logging_seconds(self) -> float:
+        """Time spent in this callback: what logging adds to the run's wall time."""
+        return self.start_logging_seconds + self.epoch_logging_seconds + self.end_logging_seconds
+
+    def _run_name(self, context: TrainContext) -> str:
+        config = context.config
+        default = f"{config.model}-{config.dataset}-{context.device.type}-{config.precision}-seed{config.seed}"
+        return self.run_name or default
+
+    def on_train_start(self, context: TrainContext) -> None:
+        started = time.perf_counter()
+        experiment_id = self.store.experiment(self.experiment)
+        self.run_id = self.store.start_run(experiment_id, self._run_name(context), self.kind,
+                                           {**training_tags(context), **self.tags}, config_params(context.config),
+                                           self.parent_run_id)
+        self.start_logging_seconds = time.perf_counter() - started
+
+    def on_epoch_end(self, context: TrainContext, record: EpochRecord) -> None:
+        started = time.perf_counter()
+        self.store.log(self.run_id, metrics=epoch_metrics(record))
+        self.epoch_logging_seconds += time.perf_counter() - started
+
+    def on_train_end(self, context: TrainContext, result: RunResult) -> None:
+        if self.run_id is None:
+            return
+        started = time.perf_counter()
+        status, tags = RUN_STATUS.get(result.status, "FAILED"), {"status": result.status}
+        if result.message:
+            tags["error" if status == "FAILED" else "stop_reason"] = result.message
+        try:
+            self.store.log(self.run_id, metrics=final_metrics(result, self.epoch_logging_seconds))
+            if self.log_artifacts:
+                self._log_artifacts(context, result)
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        except BaseException as exc:
+            status, tags["error"] = "FAILED", f"logging failed: {type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self.store.end_run(self.run_id, status, tags)
+            self.end_logging_seconds = time.perf_counter() - started
+
+    def _log_artifacts(self, context: TrainContext, result: RunResult) -> None:
+        from .. import report
+
+        self.store.log_dict(self.run_id, environment_record(context.device), "environment.json")
+        for path in result.checkpoints.values():
+            if Path(path).exists():
+                self.store.log_artifact(self.run_id, path, "checkpoints")
+        if result.history:
+            self.store.log_figure(self.run_id, report.plot_learning_curve(result.history), "learning_curve.png")
+        if result.confusion_matrix:
+            self.store.log_figure(self.run_id, report.plot_confusion_matrix(result.confusion_matrix,
+                                                                            context.dataset.classes),
+                                  "confusion_matrix.png")
+        if result.per_class_accuracy:
+            self.store.log_text(self.run_id, per_class_csv(result.per_class_accuracy), "per_class_accuracy.csv")
+        if self.log_model and result.status == "completed":
+            self._log_model(context)
+
+    def _log_model(self, context: TrainContext) -> None:
+        """Logs the trained model as a ``torch.export`` program (loading it runs no pickled code), on CPU,
+        with a signature and a few validation images as input example, linked to the run's final metrics.
+        Requirements are given, not inferred: inferring them loads the model again in a subprocess (seconds).
+        MLflow's serving-input check (load the model back, predict the example) is skipped: a third of the
+        model's logging time, and tests/test_tracking.py loads the logged model and checks its predictions."""
+        import mlflow.pytorch
+        from mlflow.models import infer_signature
+
+        model = _cpu_copy(context.model)
+        example = normalise(context.dataset.x_val[:INPUT_EXAMPLE_SIZE], context.dataset.mean,
+                            context.dataset.std).numpy()
+        with torch.inference_mode():
+            signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
+        client = self.store.client
+        logged = client.create_logged_model(self.store.experiment_id_of(self.run_id), name=MODEL_NAME,
+                                            source_run_id=self.run_id)
+        with fluent_tracking_uri(self.tracking_uri):
+            mlflow.pytorch.log_model(model, name=MODEL_NAME, signature=signature, input_example=example,
+                                     serialization_format="pt2", model_id=logged.model_id, run_id=self.run_id,
+                                     step=len(context.history), validate_serving_input=False,
+                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        client.finalize_logged_model(logged.model_id, "READY")
+
+
+@contextlib.contextmanager
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """Points MLflow's global tracking URI at ``uri`` for a call that knows no other (``log_model``), then puts
+    back both the global and ``MLFLOW_TRACKING_URI``, which setting the global also overwrites: child processes
+    started later must not inherit this store."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    previous_env = os.environ.get(TRACKING_URI_ENV)
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if previous_env is None:
+            os.environ.pop(TRACKING_URI_ENV, None)
+        else:
+            os.environ[TRACKING_URI_ENV] = previous_env
+
+
+def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
+    return copy.deepcopy(model).cpu().eval()
+
+
+def train_tracked(config: RunConfig, logger: MlflowLogger, callbacks: Sequence[Callback] = ()) -> RunResult:
+    """``engine.train`` with ``logger`` last among the callbacks. A run that logs artifacts but has no
+    ``checkpoint_dir`` writes its checkpoints to a temporary folder, so both still get logged."""
+    if config.checkpoint_dir or not logger.log_artifacts:
+        return train(config, [*callbacks, logger])
+    with tempfile.TemporaryDirectory(prefix="sweepbench-checkpoints-") as directory:
+        return train(config.replace(checkpoint_dir=directory), [*callbacks, logger])

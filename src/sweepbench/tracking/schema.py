@@ -1,0 +1,132 @@
+"""The run schema: what every sweepbench run in MLflow carries, so that reports can compare any mix of runs.
+
+Every run that trains (a ``train`` run, a study trial, a benchmark repeat) has:
+
+- params: every ``RunConfig`` field, flattened (``model_kwargs.hidden_size``), as the run was asked for;
+- tags: ``sweepbench.kind`` (``train``, ``trial`` or ``repeat``), the run's identity as it actually ran (``model``,
+  ``dataset``, the resolved ``device`` and ``device_name``, ``precision``, ``loader``, ``optimizer``,
+  ``batch_size``, ``epochs``), the dataset's fingerprint and source, hardware and library versions, and ``status``;
+- metrics: per epoch ``train_loss``, ``val_loss``, ``val_accuracy``, ``epoch_seconds``, ``samples_per_second``,
+  ``lr``, ``eval_seconds``; at the end ``test_accuracy``, ``test_loss``, ``best_val_accuracy``,
+  ``time_to_target_seconds``, ``peak_memory_mb``, ``train_seconds``, ``total_seconds``, ``epoch_logging_seconds``.
+
+Runs that summarise others carry ``sweepbench.kind`` = ``study`` (a study's parent), ``bench`` (a benchmark's
+parent) or ``cell`` (one benchmark cell over its repeats); reports leave them out unless asked for. Stores
+written before the tag existed are read by ``run_kind``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import RunConfig
+from ..engine import TrainContext, device_name
+
+KIND_TAG = "sweepbench.kind"
+TRAINING_KINDS = ("train", "trial", "repeat")
+SUMMARY_KINDS = ("study", "bench", "cell")
+RUN_KINDS = TRAINING_KINDS + SUMMARY_KINDS
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"model_kwargs": {"hidden_size": 32}}`` -> ``{"model_kwargs.hidden_size": "32"}``."""
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = str(value)
+    return flat
+
+
+def config_params(config: RunConfig) -> dict[str, str]:
+    return flatten(config.to_dict())
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """The commit of the checkout this package runs from; None outside a git checkout."""
+    try:
+        completed = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                   capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return completed.stdout.strip() if completed.returncode == 0 else None
+
+
+def environment_tags(device: torch.device) -> dict[str, str]:
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    tags = {
+        "device": device.type,
+        "device_name": device_name(device),
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda or "none",
+        "cudnn_version": str(cudnn) if cudnn else "none",
+        "host": platform.node(),
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    commit = git_commit()
+    if commit:
+        tags["git_commit"] = commit
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def environment_record(device: torch.device) -> dict[str, Any]:
+    """What ``environment.json`` holds: the tags plus the library versions and threads behind a figure."""
+    import mlflow
+    import numpy
+    import pandas
+
+    return {
+        **environment_tags(device),
+        "mlflow_version": mlflow.__version__,
+        "numpy_version": numpy.__version__,
+        "pandas_version": pandas.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def config_tags(config: RunConfig) -> dict[str, str]:
+    """The identity tags a config gives a run before it runs (the device as asked; ``training_tags`` has the
+    resolved one)."""
+    return {"model": config.model, "dataset": config.dataset, "precision": config.precision,
+            "loader": config.loader, "optimizer": config.optimizer, "batch_size": str(config.batch_size),
+            "epochs": str(config.epochs)}
+
+
+def training_tags(context: TrainContext) -> dict[str, str]:
+    """The tags of a run that trains, as it runs (``KIND_TAG`` is set by the store)."""
+    return {
+        **environment_tags(context.device),
+        **config_tags(context.config),
+        "dataset": context.dataset.name,
+        "dataset_fingerprint": context.dataset.fingerprint,
+        "dataset_source": context.dataset.source,
+        "status": "running",
+    }
+
+
+def run_kind(tags: dict[str, str]) -> str:
+    """A run's kind from its tags; runs logged before ``sweepbench.kind`` existed are recognised by the tags
+    their writers set then (a benchmark parent had ``benchmark``, a cell ``benchmark_cell``, a repeat
+    ``repeat``), and anything else is a ``train`` run."""
+    kind = tags.get(KIND_TAG)
+    if kind:
+        return kind
+    if "benchmark_cell" in tags:
+        return "cell"
+    if "benchmark" in tags:
+        return "bench"
+    if "repeat" in tags:
+        return "repeat"
+    return "train"

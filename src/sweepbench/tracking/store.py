@@ -1,0 +1,223 @@
+"""The one place that speaks to MLflow: where runs go, experiments, and the life of a run.
+
+The embedded store is SQLite in ``<project>/mlruns/mlflow.db`` with artifacts beside it (MLflow 3 refuses the
+``./mlruns`` file store). ``--tracking-uri`` or ``MLFLOW_TRACKING_URI`` point the same code at a tracking server.
+``Store`` talks to it through an explicit ``MlflowClient``, never the fluent active-run API, so several
+writers, processes and nested child runs can share one store. Every run it creates carries the run schema's
+``sweepbench.kind`` tag (see ``schema``), and every run it starts ends FINISHED, FAILED or KILLED, never RUNNING.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from .schema import KIND_TAG
+
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+STORE_DIR = "mlruns"
+STORE_DB = "mlflow.db"
+ARTIFACTS_DIR = "artifacts"
+LOCAL_DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
+MAX_MESSAGE_LENGTH = 5000
+PARENT_RUN_TAG = "mlflow.parentRunId"
+# MLflow 3's UI opens an experiment in its GenAI view unless this tag marks it as a model-training experiment.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+DESCRIPTION_TAG = "mlflow.note.content"
+BATCH_SIZE = 100
+
+
+def default_tracking_uri() -> str:
+    store = Path.cwd().resolve() / STORE_DIR
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / STORE_DB}"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    return uri or os.environ.get(TRACKING_URI_ENV) or default_tracking_uri()
+
+
+def _scheme(tracking_uri: str) -> str:
+    return tracking_uri.split(":", 1)[0].split("+", 1)[0].lower()
+
+
+def is_server(tracking_uri: str) -> bool:
+    return _scheme(tracking_uri) in ("http", "https")
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, else None."""
+    if _scheme(tracking_uri) != "sqlite":
+        return None
+    return Path(tracking_uri.split(":///", 1)[1]).resolve()
+
+
+def artifact_root(tracking_uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite file, under the project's ``mlruns/`` for
+    another database, and wherever the server decides for a tracking server (None)."""
+    database = sqlite_path(tracking_uri)
+    if database is not None:
+        return (database.parent / ARTIFACTS_DIR).as_uri()
+    if _scheme(tracking_uri) in LOCAL_DATABASE_SCHEMES:
+        return (Path.cwd().resolve() / STORE_DIR / ARTIFACTS_DIR).as_uri()
+    return None
+
+
+def as_metrics(values: dict[str, float | None], step: int) -> list[Metric]:
+    """``values`` as MLflow metrics at ``step``, one timestamp for all; None values are left out."""
+    timestamp = int(time.time() * 1000)
+    return [Metric(key, float(value), timestamp, step) for key, value in values.items() if value is not None]
+
+
+def _batched(items: list, size: int = BATCH_SIZE) -> Iterable[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _message(text: str) -> str:
+    return text[:MAX_MESSAGE_LENGTH]
+
+
+@dataclass
+class RunOutcome:
+    """What a ``Store.lifecycle`` block decides about its run: the final status if it ends normally (FINISHED
+    unless the block says otherwise) and tags to set with it."""
+
+    status: str = "FINISHED"
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+class Store:
+    """One MLflow tracking store (a SQLite file, a database or a tracking server)."""
+
+    def __init__(self, tracking_uri: str | None = None) -> None:
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.client = MlflowClient(self.tracking_uri)
+
+    # ---- experiments ----------------------------------------------------------------------------------------
+
+    def experiment(self, name: str, description: str | None = None) -> str:
+        """The id of experiment ``name``, created (or restored) when needed, marked as a model-training
+        experiment for the UI, with ``description`` as its note when given."""
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:
+            try:
+                experiment_id = self.client.create_experiment(name, artifact_location=artifact_root(self.tracking_uri))
+            except MlflowException:
+                experiment = self.client.get_experiment_by_name(name)  # another process created it first
+                if experiment is None:
+                    raise
+        if experiment is not None:
+            experiment_id = experiment.experiment_id
+            if experiment.lifecycle_stage == "deleted":
+                self.client.restore_experiment(experiment_id)
+        tags = {} if experiment is None else experiment.tags
+        if tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        if description and tags.get(DESCRIPTION_TAG) != description:
+            self.client.set_experiment_tag(experiment_id, DESCRIPTION_TAG, description)
+        return experiment_id
+
+    def experiment_names(self) -> dict[str, str]:
+        """Experiment id -> name, for every experiment in the store."""
+        return {experiment.experiment_id: experiment.name for experiment in self.client.search_experiments()}
+
+    # ---- runs -----------------------------------------------------------------------------------------------
+
+    def start_run(self, experiment_id: str, name: str, kind: str, tags: dict[str, str] | None = None,
+                  params: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
+        """A new RUNNING run of ``kind`` (a ``schema`` kind) with its tags and params; returns its id."""
+        all_tags = {**(tags or {}), KIND_TAG: kind}
+        if parent_run_id:
+            all_tags[PARENT_RUN_TAG] = parent_run_id
+        run_id = self.client.create_run(experiment_id, tags=all_tags, run_name=name).info.run_id
+        if params:
+            self.log(run_id, params=params)
+        return run_id
+
+    def log(self, run_id: str, metrics: dict[str, float | None] | list[Metric] | None = None,
+            params: dict[str, Any] | None = None, tags: dict[str, str] | None = None, step: int = 0) -> None:
+        """Metrics (a dict at ``step``, or ready ``Metric``s), params and tags, in as few requests as MLflow
+        allows (at most 100 params per batch)."""
+        if isinstance(metrics, dict):
+            metrics = as_metrics(metrics, step)
+        param_list = [Param(key, str(value)) for key, value in (params or {}).items()]
+        tag_list = [RunTag(key, str(value)) for key, value in (tags or {}).items()]
+        self.client.log_batch(run_id, metrics=metrics or [], params=param_list[:BATCH_SIZE], tags=tag_list)
+        for batch in _batched(param_list[BATCH_SIZE:]):
+            self.client.log_batch(run_id, params=batch)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_dict(self, run_id: str, values: dict[str, Any], artifact_file: str) -> None:
+        self.client.log_dict(run_id, values, artifact_file)
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_figure(self, run_id: str, figure: Any, artifact_file: str) -> None:
+        """Logs a matplotlib figure as PNG, then closes it (open figures pile up in a long study)."""
+        import matplotlib.pyplot as plt
+
+        try:
+            self.client.log_figure(run_id, figure, artifact_file)
+        finally:
+            plt.close(figure)
+
+    def end_run(self, run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
+        """Sets ``tags`` (messages cut to MLflow's limit), then the run's terminal status."""
+        if tags:
+            self.log(run_id, tags={key: _message(value) for key, value in tags.items()})
+        self.client.set_terminated(run_id, status)
+
+    def fail_run(self, run_id: str, message: str) -> None:
+        self.end_run(run_id, "FAILED", {"error": message})
+
+    def run_exists(self, run_id: str) -> bool:
+        try:
+            self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        return True
+
+    def reopen(self, run_id: str) -> bool:
+        """Marks an existing run RUNNING again (a resumed study); False when the store has no such run."""
+        if not self.run_exists(run_id):
+            return False
+        self.client.update_run(run_id, status="RUNNING")
+        return True
+
+    def experiment_id_of(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.experiment_id
+
+    @contextlib.contextmanager
+    def lifecycle(self, run_id: str) -> Iterator[RunOutcome]:
+        """Ends ``run_id`` when the block ends: KILLED on Ctrl-C or SIGTERM, FAILED (with the error) when it
+        raises, else the outcome's status (FINISHED unless the block set another)."""
+        from ..engine import interrupt_message
+
+        outcome = RunOutcome()
+        try:
+            yield outcome
+        except KeyboardInterrupt as interrupt:
+            self.end_run(run_id, "KILLED", {"stop_reason": interrupt_message(interrupt)})
+            raise
+        except BaseException as exc:
+            self.end_run(run_id, "FAILED", {"error": f"{type(exc).__name__}: {exc}"})
+            raise
+        self.end_run(run_id, outcome.status, outcome.tags)
+
+
+def ensure_experiment(name: str, tracking_uri: str | None = None, description: str | None = None) -> str:
+    """``Store(tracking_uri).experiment(name, description)``: the experiment's id, created when needed."""
+    return Store(tracking_uri).experiment(name, description)
