@@ -72,7 +72,8 @@ def mlflow_server(folder: Path, backend_uri: str | None = None) -> Iterator[str]
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", backend_uri or f"sqlite:///{folder / 'server.db'}", "--serve-artifacts",
          "--artifacts-destination", str(folder / "server-artifacts")],
-        cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no GenAI job workers: 10 s faster
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", process)
         yield f"http://127.0.0.1:{port}"

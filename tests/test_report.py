@@ -97,6 +97,8 @@ def test_bad_selections_are_errors_that_name_the_choices(store, runs):
         comparison_table(runs, GROUP_BY, baseline={"precision": "fp32"})
     with pytest.raises(ConfigError, match="metric: 'f1' not logged.*test_accuracy"):
         comparison_table(runs, GROUP_BY, ["f1"])
+    with pytest.raises(ConfigError, match="kind: 'trials' not allowed; choose from: train, trial, repeat, study"):
+        load_runs(store, [EXPERIMENT], kinds=("trials",))
     with pytest.raises(ConfigError, match=f"experiment: \\['nope'\\] not found.*{EXPERIMENT}"):
         load_runs(store, ["nope"])
     with pytest.raises(ConfigError, match="no runs match"):

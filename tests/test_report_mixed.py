@@ -19,38 +19,11 @@ from mlflow import MlflowClient
 
 from sweepbench.report import compare_runs, load_runs
 from tests.conftest import mlflow_server, run_cli
+from tests.test_study import write_spec
 
 EXPERIMENT = "mixed"  # the study's name: its runs share the experiment with the train and benchmark runs
 TRAIN_ARGS = ("--model-arg", "hidden_size=32", "--optimizer", "sgd", "--lr", "0.1", "--batch-size", "256",
               "--device", "cpu")
-STUDY = """
-name = "mixed"
-description = "a small study sharing its experiment with train and benchmark runs"
-model = "mnist_mlp"
-dataset = "mnist"
-[train]
-epochs = 3
-train_subset = 2000
-val_size = 1000
-device = "cpu"
-[sampler]
-name = "random"
-seed = 0
-[pruner]
-name = "median"
-n_startup_trials = 1
-[budget]
-n_trials = 6
-[search."model_kwargs.hidden_size"]
-type = "int"
-low = 16
-high = 64
-[search.lr]
-type = "float"
-low = 1e-5
-high = 1e-1
-log = true
-"""
 BENCH = """
 [benchmark]
 name = "mixedbench"
@@ -81,8 +54,7 @@ def store(tmp_path_factory, data_dir) -> tuple[Path, str]:
     uri, data = sqlite_uri(folder), ("--data-dir", str(data_dir), "--tracking-uri", sqlite_uri(folder))
     for epochs, experiment in (("1", EXPERIMENT), ("2", EXPERIMENT), ("1", "other")):
         run_cli("train", *TRAIN_ARGS, "--epochs", epochs, "--experiment", experiment, *data, cwd=folder, check=True)
-    (folder / "mixed.toml").write_text(STUDY)
-    run_cli("study", "run", "mixed.toml", *data, cwd=folder, check=True)
+    run_cli("study", "run", str(write_spec(folder, EXPERIMENT, n_trials=6, epochs=3)), *data, cwd=folder, check=True)
     (folder / "mixedbench.toml").write_text(BENCH)
     run_cli("bench", "mixedbench.toml", "--experiment", EXPERIMENT, *data, cwd=folder, check=True)
     return folder, uri
@@ -110,6 +82,9 @@ def test_every_run_carries_its_kind_and_the_training_runs_one_schema(store):
                                                                   "cell": 3, "repeat": 4}
     training = runs["train"] + runs["trial"] + runs["repeat"]
     assert len({frozenset(run.data.params) for run in training}) == 1, "one set of params for every training run"
+    experiment = MlflowClient(uri).get_experiment_by_name(EXPERIMENT)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.tags["mlflow.note.content"] == "cpu fp32 against bf16 on a small MLP"
     for run in training:
         assert {"model", "dataset", "device", "device_name", "precision", "optimizer", "batch_size",
                 "epochs"} <= set(run.data.tags)
@@ -143,7 +118,7 @@ def test_one_row_per_benchmark_cell_with_the_medians_of_its_repeats(store):
 def test_a_group_that_mixes_epoch_counts_is_split_and_named(store):
     folder, uri = store
     table, notes = report_json(folder, uri, "--experiment", EXPERIMENT, "--group-by", "model,optimizer")
-    sgd = table[(table["optimizer"] == "sgd") & (table["train_subset"] == "None")]
+    sgd = table[(table["optimizer"] == "sgd") & (table["train_subset"] == "None")]  # the two train runs
     assert sorted(sgd["epochs"]) == ["1", "2"] and (sgd["runs"] == 1).all()
     split = next(line for line in notes.splitlines() if line.startswith("note: rows split by"))
     assert "epochs" in split.split(":")[1]

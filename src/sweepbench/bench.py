@@ -118,6 +118,7 @@ class BenchReport:
     table: pd.DataFrame
     parent_run_id: str
     experiment: str
+    experiment_id: str
     tracking_uri: str
 
     @property
@@ -449,4 +450,4 @@ def run_benchmark(spec: BenchSpec, tracking_uri: str | None = None, experiment: 
                 on_cell(outcomes[-1])
         table = build_table(outcomes, spec)
         _log_report(tracking, spec, outcomes, table)
-    return BenchReport(spec, outcomes, table, parent_run_id, experiment, store.tracking_uri)
+    return BenchReport(spec, outcomes, table, parent_run_id, experiment, experiment_id, store.tracking_uri)

@@ -96,13 +96,14 @@ def _train(args: argparse.Namespace) -> int:
     if args.no_mlflow:
         result, run_id = train(config, [ProgressBar()]), None
     else:
-        from .tracking import MlflowLogger, train_tracked
+        from .tracking import MlflowLogger, browse_hint, train_tracked
 
         logger = MlflowLogger(args.experiment, args.tracking_uri)
         result, run_id = train_tracked(config, logger, [ProgressBar()]), logger.run_id
     print(format_summary(result.summary()))
     if run_id:
         print(f"mlflow run      {run_id} in experiment {args.experiment!r} at {logger.tracking_uri}")
+        print(f"browse          {browse_hint(logger.tracking_uri, logger.store.experiment_id_of(run_id))}")
     if args.json:
         print(json.dumps({**result.summary(), "mlflow_run_id": run_id}))
     return 0 if result.status == "completed" else 1
@@ -163,13 +164,17 @@ def _add_ui_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from .tracking import is_server, resolve_tracking_uri, serve, ui_command
+    from .tracking import Store, experiment_url, is_server, resolve_tracking_uri, serve, ui_command
 
     uri = resolve_tracking_uri(args.tracking_uri)
+    base_url = uri if is_server(uri) else f"http://{args.host}:{args.port}"
+    for experiment_id, name in sorted(Store(uri).experiment_names().items(), key=lambda item: item[1]):
+        print(f"  {name}: {experiment_url(base_url, experiment_id)}")
     if is_server(uri):
         print(f"MLflow UI: {uri} (served by the tracking server itself)")
         return 0
-    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    print(f"MLflow UI for {uri} at {base_url} (Ctrl-C to stop); the links above open each experiment's runs",
+          flush=True)
     return serve(ui_command(uri, args.host, args.port))
 
 
@@ -316,6 +321,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     from .bench import load_spec, run_benchmark
     from .report import EXPORT_FORMATS, export_table
+    from .tracking import browse_hint
 
     if args.format not in EXPORT_FORMATS:
         raise UsageError(f"--format: {args.format!r} is not allowed; choose one of: {', '.join(EXPORT_FORMATS)}")
@@ -330,6 +336,7 @@ def _bench(args: argparse.Namespace) -> int:
         Path(args.output).write_text(text + "\n")
     print(f"mlflow parent run {report.parent_run_id} in experiment {report.experiment!r} at {report.tracking_uri}",
           file=sys.stderr)
+    print(f"browse: {browse_hint(report.tracking_uri, report.experiment_id)}", file=sys.stderr)
     return 1 if report.failed else 0
 
 

@@ -684,10 +684,10 @@ class StudyOutcome:
 
     def describe(self) -> str:
         """What ``sweepbench study run`` ends with: the comparison table, the figures, where to browse."""
-        from .tracking import default_tracking_uri
+        from .tracking import Store, browse_hint
 
-        ui = "sweepbench ui" + ("" if self.job.tracking_uri == default_tracking_uri()
-                                else f" --tracking-uri {self.job.tracking_uri}")
+        experiment_id = Store(self.job.tracking_uri).experiment(self.job.spec.name)
+        ui = browse_hint(self.job.tracking_uri, experiment_id)
         return "\n".join([
             describe_study(self.study), "",
             f"{self.reason()} in {self.wall_seconds:.0f} s ({self.trials_per_minute:.1f} finished trials/min); "

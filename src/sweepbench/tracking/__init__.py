@@ -11,10 +11,10 @@ from .schema import (KIND_TAG, RUN_KINDS, SUMMARY_KINDS, TRAINING_KINDS, config_
                      environment_tags, flatten, git_commit, run_kind)
 from .store import (RunOutcome, Store, artifact_root, as_metrics, default_tracking_uri, ensure_experiment,
                     is_server, resolve_tracking_uri, sqlite_path)
-from .ui import serve, stop_process_group, ui_command
+from .ui import browse_hint, experiment_url, serve, stop_process_group, ui_command
 
 __all__ = ["KIND_TAG", "RUN_KINDS", "SUMMARY_KINDS", "TRAINING_KINDS", "MlflowLogger", "RunOutcome", "Store",
-           "artifact_root", "as_metrics", "config_params", "config_tags", "default_tracking_uri",
-           "ensure_experiment", "environment_tags", "flatten", "fluent_tracking_uri", "git_commit", "is_server",
+           "artifact_root", "as_metrics", "browse_hint", "config_params", "config_tags", "default_tracking_uri",
+           "ensure_experiment", "experiment_url", "environment_tags", "flatten", "fluent_tracking_uri", "git_commit", "is_server",
            "resolve_tracking_uri", "run_kind", "serve", "sqlite_path", "stop_process_group", "train_tracked",
            "ui_command"]

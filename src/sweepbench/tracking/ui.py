@@ -42,3 +42,25 @@ def stop_process_group(process: subprocess.Popen, timeout: float = 15) -> None:
     process.wait()
 
 
+
+
+UI_HOST, UI_PORT = "127.0.0.1", 5000
+# MLflow's UI (3.10 and later) opens an experiment in its GenAI view unless the link asks for the model-training
+# view: its "GenAI | Model training" switch reads this URL parameter, else the browser's last choice, and no
+# longer the experiment's ``mlflow.experimentKind`` tag (tests/test_ui.py renders both links in chromium).
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def experiment_url(base_url: str, experiment_id: str) -> str:
+    """The link that opens an experiment on its runs table in the MLflow UI at ``base_url``."""
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}?{MODEL_TRAINING_VIEW}"
+
+
+def browse_hint(tracking_uri: str, experiment_id: str) -> str:
+    """How to see an experiment's runs: its link on a tracking server, or ``sweepbench ui`` and the link."""
+    from .store import default_tracking_uri, is_server
+
+    if is_server(tracking_uri):
+        return experiment_url(tracking_uri, experiment_id)
+    command = "sweepbench ui" + ("" if tracking_uri == default_tracking_uri() else f" --tracking-uri {tracking_uri}")
+    return f"{command}, then open {experiment_url(f'http://{UI_HOST}:{UI_PORT}', experiment_id)}"
