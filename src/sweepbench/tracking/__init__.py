@@ -6,9 +6,9 @@
 - ``ui``: the MLflow UI command.
 """
 
+from ..hardware import environment_tags, git_commit
 from .logger import MlflowLogger, fluent_tracking_uri, train_tracked
-from .schema import (KIND_TAG, RUN_KINDS, SUMMARY_KINDS, TRAINING_KINDS, config_params, config_tags,
-                     environment_tags, flatten, git_commit, run_kind)
+from .schema import KIND_TAG, RUN_KINDS, SUMMARY_KINDS, TRAINING_KINDS, config_params, config_tags, flatten, run_kind
 from .store import (RunOutcome, Store, artifact_root, as_metrics, default_tracking_uri, ensure_experiment,
                     is_server, resolve_tracking_uri, sqlite_path)
 from .ui import browse_hint, experiment_url, serve, stop_process_group, ui_command

@@ -15,7 +15,8 @@ from mlflow.entities import Metric
 
 from ..config import RunConfig
 from ..engine import Callback, EpochRecord, RunResult, TrainContext, normalise, train
-from .schema import config_params, environment_record, training_tags
+from ..hardware import environment_record
+from .schema import config_params, training_tags
 from .store import TRACKING_URI_ENV, Store, as_metrics
 
 MODEL_NAME = "model"

@@ -17,17 +17,11 @@ written before the tag existed are read by ``run_kind``.
 
 from __future__ import annotations
 
-import functools
-import os
-import platform
-import subprocess
-from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..config import RunConfig
-from ..engine import TrainContext, device_name
+from ..engine import TrainContext
+from ..hardware import environment_tags
 
 KIND_TAG = "sweepbench.kind"
 TRAINING_KINDS = ("train", "trial", "repeat")
@@ -48,52 +42,6 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 def config_params(config: RunConfig) -> dict[str, str]:
     return flatten(config.to_dict())
-
-
-@functools.lru_cache(maxsize=1)
-def git_commit() -> str | None:
-    """The commit of the checkout this package runs from; None outside a git checkout."""
-    try:
-        completed = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                                   capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return completed.stdout.strip() if completed.returncode == 0 else None
-
-
-def environment_tags(device: torch.device) -> dict[str, str]:
-    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-    tags = {
-        "device": device.type,
-        "device_name": device_name(device),
-        "torch_version": torch.__version__,
-        "cuda_version": torch.version.cuda or "none",
-        "cudnn_version": str(cudnn) if cudnn else "none",
-        "host": platform.node(),
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
-    }
-    commit = git_commit()
-    if commit:
-        tags["git_commit"] = commit
-        tags["mlflow.source.git.commit"] = commit
-    return tags
-
-
-def environment_record(device: torch.device) -> dict[str, Any]:
-    """What ``environment.json`` holds: the tags plus the library versions and threads behind a figure."""
-    import mlflow
-    import numpy
-    import pandas
-
-    return {
-        **environment_tags(device),
-        "mlflow_version": mlflow.__version__,
-        "numpy_version": numpy.__version__,
-        "pandas_version": pandas.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
 
 
 def config_tags(config: RunConfig) -> dict[str, str]:

@@ -1,0 +1,29 @@
+"""The one PyTorch engine: ``train(config, callbacks)`` and what it is made of.
+
+- ``loop``: the run itself (``train``, ``evaluate``): epochs, timing, testing, the callbacks' hooks;
+- ``results``: what a run produces (``EpochRecord``, ``RunResult``);
+- ``callbacks``: the callback interface (``Callback``, ``TrainContext``, ``StopTraining``) and ``ProgressBar``;
+- ``loaders``: training batches (``DeviceLoader``, ``TorchvisionLoader``) and on-device preprocessing;
+- ``optimizer``: the optimizer over contiguous parameter buffers;
+- ``checkpoint``: what a checkpoint holds, saving and loading it;
+- ``interrupts``: SIGTERM as an interruption (``Terminated``, ``sigterm_interrupts``).
+
+Device, precision and environment facts live in ``sweepbench.hardware``; the ones the engine has always
+offered are re-exported here.
+"""
+
+from ..hardware import autocast, device_name, peak_memory_mb, resolve_device
+from .callbacks import Callback, ProgressBar, StopTraining, TrainContext
+from .checkpoint import CHECKPOINT_FORMAT, checkpoint_state, load_checkpoint, restore_checkpoint, save_checkpoint
+from .interrupts import Terminated, interrupt_message, sigterm_interrupts
+from .loaders import AUGMENT_PAD, DeviceLoader, TorchvisionLoader, normalise, random_crop_flip
+from .loop import evaluate, train
+from .optimizer import FUSED_OPTIMIZERS, build_optimizer, contiguous_parameters, zero_gradients
+from .results import EpochRecord, RunResult
+
+__all__ = ["AUGMENT_PAD", "CHECKPOINT_FORMAT", "FUSED_OPTIMIZERS", "Callback", "DeviceLoader", "EpochRecord",
+           "ProgressBar", "RunResult", "StopTraining", "Terminated", "TorchvisionLoader", "TrainContext", "autocast",
+           "build_optimizer", "checkpoint_state", "contiguous_parameters", "device_name", "evaluate",
+           "interrupt_message", "load_checkpoint", "normalise", "peak_memory_mb", "random_crop_flip",
+           "resolve_device", "restore_checkpoint", "save_checkpoint", "sigterm_interrupts", "train",
+           "zero_gradients"]

@@ -1,0 +1,78 @@
+"""What a run produces: one ``EpochRecord`` per epoch, and the ``RunResult`` at the end."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..config import RunConfig
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    epoch_seconds: float
+    samples_per_second: float
+    lr: float
+    eval_seconds: float
+
+
+@dataclass
+class RunResult:
+    """What a run produced. ``status``: completed, diverged, stopped/pruned (by a callback), failed or killed."""
+
+    config: RunConfig
+    status: str
+    history: list[EpochRecord] = field(default_factory=list)
+    device: str = ""
+    device_name: str = ""
+    test_accuracy: float | None = None
+    test_loss: float | None = None
+    per_class_accuracy: dict[str, float] = field(default_factory=dict)
+    confusion_matrix: list[list[int]] = field(default_factory=list)
+    time_to_target_seconds: float | None = None
+    best_val_accuracy: float | None = None
+    best_epoch: int | None = None
+    peak_memory_mb: float = 0.0
+    train_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    message: str = ""
+    checkpoints: dict[str, str] = field(default_factory=dict)
+    model: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def val_accuracy(self) -> float | None:
+        return self.history[-1].val_accuracy if self.history else None
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready digest: what ``sweepbench train --json`` prints."""
+        epoch_seconds = [r.epoch_seconds for r in self.history]
+        return {
+            "status": self.status,
+            "message": self.message,
+            "model": self.config.model,
+            "dataset": self.config.dataset,
+            "device": self.device,
+            "device_name": self.device_name,
+            "precision": self.config.precision,
+            "loader": self.config.loader,
+            "epochs_run": len(self.history),
+            "val_accuracy": self.val_accuracy,
+            "best_val_accuracy": self.best_val_accuracy,
+            "best_epoch": self.best_epoch,
+            "test_accuracy": self.test_accuracy,
+            "test_loss": self.test_loss,
+            "epoch_seconds": epoch_seconds,
+            "samples_per_second": self.history[-1].samples_per_second if self.history else None,
+            "time_to_target_seconds": self.time_to_target_seconds,
+            "train_seconds": self.train_seconds,
+            "wall_seconds": self.wall_seconds,
+            "peak_memory_mb": self.peak_memory_mb,
+            "per_class_accuracy": self.per_class_accuracy,
+            "checkpoints": self.checkpoints,
+        }
