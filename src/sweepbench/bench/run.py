@@ -1,0 +1,163 @@
+"""Running a benchmark on this machine: each cell's repeats through the engine, and its runs in MLflow through
+the tracking layer."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import pandas as pd
+import torch
+from ..config import ConfigError
+from ..data import DataNotFoundError
+from ..engine import RunResult, device_name, resolve_device, train
+from .. import report
+from ..tracking import MlflowLogger, Store, config_params, config_tags, environment_tags
+from .spec import BenchSpec, Cell
+from .table import CellOutcome, build_table, cell_figures, plot_speedups
+
+
+def skip_reason(precision: str) -> str | None:
+    """Why a device/precision pair cannot run on this machine, or None when it can."""
+    device_type, dtype = precision.split("/")
+    try:
+        device = resolve_device(device_type)
+    except ConfigError:
+        return f"{device_type.upper()} not available"
+    if device.type == "cuda" and dtype == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return f"bf16 not supported by {device_name(device)}"
+    return None
+
+
+@dataclass
+class _Tracking:
+    """Where a benchmark's runs go: the store, the experiment and the parent run."""
+
+    store: Store
+    experiment: str
+    experiment_id: str
+    parent_run_id: str
+
+    def start_cell(self, cell: Cell, tags: dict[str, str]) -> str:
+        return self.store.start_run(self.experiment_id, cell.label, "cell", {**_cell_tags(cell), **tags},
+                                    config_params(cell.config), self.parent_run_id)
+
+
+def _cell_tags(cell: Cell) -> dict[str, str]:
+    """The run schema's identity tags for a cell, plus which cell it is."""
+    return {**config_tags(cell.config), "device": cell.device, "benchmark_cell": cell.label,
+            "bench_precision": cell.precision, "compile": str(cell.compile)}
+
+
+def _run_repeats(cell: Cell, repeats: int, tracking: _Tracking,
+                 cell_run_id: str) -> tuple[list[RunResult], list[float]]:
+    """The repeats' results, and the 1-minute load average after each: other work on the machine shows there."""
+    results, loads = [], []
+    for repeat in range(1, repeats + 1):
+        logger = MlflowLogger(tracking.experiment, tracking.store.tracking_uri, f"{cell.label} repeat {repeat}",
+                              cell_run_id, tags={"repeat": str(repeat), "benchmark_cell": cell.label},
+                              log_model=False, log_artifacts=False, kind="repeat")
+        results.append(train(cell.config.replace(seed=cell.config.seed + repeat - 1), [logger]))
+        loads.append(os.getloadavg()[0])
+        if results[-1].status != "completed":
+            break
+    return results, loads
+
+
+def run_cell(cell: Cell, spec: BenchSpec, tracking: _Tracking) -> CellOutcome:
+    """Runs one cell's repeats under its own MLflow run; a cell that cannot run here is recorded as skipped.
+
+    A failing cell (a crash inside ``torch.compile``, say) is recorded and the benchmark goes on; a
+    ``ConfigError`` or a missing dataset is a mistake in the spec or the setup, and stops it.
+    """
+    reason = skip_reason(cell.precision)
+    hardware = {} if reason else environment_tags(resolve_device(cell.device))
+    store, run_id = tracking.store, tracking.start_cell(cell, hardware)
+    if reason is not None:
+        outcome = CellOutcome(cell, f"skipped: {reason}", run_id, cell_figures(cell, [], spec.warmup_epochs))
+        store.end_run(run_id, "KILLED", {"status": outcome.status, "skipped": reason})
+        return outcome
+    try:
+        results, loads = _run_repeats(cell, spec.repeats, tracking, run_id)
+    except KeyboardInterrupt:
+        store.end_run(run_id, "KILLED", {"status": "killed: interrupted"})
+        raise
+    except Exception as exc:
+        outcome = CellOutcome(cell, f"failed: {type(exc).__name__}: {exc}", run_id,
+                              cell_figures(cell, [], spec.warmup_epochs))
+        store.end_run(run_id, "FAILED", {"status": outcome.status})
+        if isinstance(exc, (ConfigError, DataNotFoundError)):
+            raise
+        return outcome
+    status = "ok" if results[-1].status == "completed" else f"{results[-1].status}: {results[-1].message}"
+    outcome = CellOutcome(cell, status, run_id, cell_figures(cell, results, spec.warmup_epochs, loads))
+    store.log(run_id, metrics=_finite(outcome.figures))
+    store.end_run(run_id, "FINISHED" if status == "ok" else "FAILED", {"status": status})
+    return outcome
+
+
+def _finite(values: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers among ``values`` (skipped cells have none), as metrics to log."""
+    return {key: value for key, value in values.items() if isinstance(value, (int, float))
+            and not isinstance(value, bool) and math.isfinite(value)}
+
+
+# ---- the benchmark ------------------------------------------------------------------------------------------
+
+@dataclass
+class BenchReport:
+    spec: BenchSpec
+    outcomes: list[CellOutcome]
+    table: pd.DataFrame
+    parent_run_id: str
+    experiment: str
+    experiment_id: str
+    tracking_uri: str
+
+    @property
+    def failed(self) -> list[CellOutcome]:
+        return [o for o in self.outcomes if o.status != "ok" and not o.status.startswith("skipped")]
+
+
+def _parent_tags(spec: BenchSpec) -> dict[str, str]:
+    tags = {**environment_tags(torch.device("cpu")), "benchmark": spec.name, "repeats": str(spec.repeats),
+            "warmup_epochs": str(spec.warmup_epochs), "baseline": str(spec.baseline),
+            "accuracy_tolerance": str(spec.accuracy_tolerance), "torch_threads": str(torch.get_num_threads())}
+    if torch.cuda.is_available():
+        tags["cuda_device_name"] = device_name(torch.device("cuda"))
+    return tags
+
+
+def _log_report(tracking: _Tracking, spec: BenchSpec, outcomes: Sequence[CellOutcome], table: pd.DataFrame) -> None:
+    """Comparisons on each cell run; the table, chart and spec on the parent."""
+    store, parent = tracking.store, tracking.parent_run_id
+    for outcome, (_, row) in zip(outcomes, table.iterrows()):
+        flag = {} if row["accuracy_flag"] is None else {"accuracy_flag": str(row["accuracy_flag"])}
+        store.log(outcome.run_id, metrics=_finite({"speedup": row["speedup"],
+                                                   "accuracy_delta": row["accuracy_delta"]}), tags=flag)
+    for fmt in ("csv", "md", "html"):
+        store.log_text(parent, report.export_table(table, fmt, title=f"benchmark {spec.name}"), f"table.{fmt}")
+    store.log_figure(parent, plot_speedups(table), "speedup.png")
+    if spec.text:
+        store.log_text(parent, spec.text, f"{spec.name}.toml")
+
+
+def run_benchmark(spec: BenchSpec, tracking_uri: str | None = None, experiment: str | None = None,
+                  on_cell: Callable[[CellOutcome], None] | None = None) -> BenchReport:
+    """Runs every cell of ``spec`` under one MLflow parent run and returns the table."""
+    store = Store(tracking_uri)
+    experiment = experiment or f"bench-{spec.name}"
+    experiment_id = store.experiment(experiment, spec.description or None)
+    parent_run_id = store.start_run(experiment_id, spec.name, "bench", _parent_tags(spec))
+    tracking = _Tracking(store, experiment, experiment_id, parent_run_id)
+    with store.lifecycle(parent_run_id):
+        outcomes = []
+        for cell in spec.cells:
+            outcomes.append(run_cell(cell, spec, tracking))
+            if on_cell:
+                on_cell(outcomes[-1])
+        table = build_table(outcomes, spec)
+        _log_report(tracking, spec, outcomes, table)
+    return BenchReport(spec, outcomes, table, parent_run_id, experiment, experiment_id, store.tracking_uri)
