@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 
 from tests.conftest import mlflow_server, run_cli
 from sweepbench.config import ConfigError
-from sweepbench.spec import load_spec
+from sweepbench.study.spec import load_spec
 from sweepbench.study import (RETRY_HISTORY, RUN_ID_ATTR, WORKER_ATTR, export_trials, load_study, make_job,
                               normalize_storage_url, open_existing_study, open_storage, run_study, worker_seed)
 

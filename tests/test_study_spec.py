@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sweepbench.config import ConfigError
-from sweepbench.spec import load_spec, parse_spec
+from sweepbench.study.spec import load_spec, parse_spec
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -263,7 +263,7 @@ def _add_stored_study_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _study_run(args: argparse.Namespace) -> int:
-    from .spec import load_spec
+    from .study.spec import load_spec
     from .study import configure_logging, make_job, redact, run_study
 
     spec = load_spec(args.spec).with_overrides(

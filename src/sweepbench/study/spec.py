@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig, field_names
-from .data import get_dataset_entry
-from .models import check_model_kwargs, get_model_entry
-from . import tomlcheck
+from ..config import ConfigError, RunConfig, field_names
+from ..data import get_dataset_entry
+from ..models import check_model_kwargs, get_model_entry
+from .. import tomlcheck
 
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "grid")
 PRUNERS = ("median", "hyperband", "none")

@@ -1,0 +1,85 @@
+"""Optuna studies over the one engine, tracked in MLflow as one parent run with a child run per trial.
+
+``run_study`` runs (or resumes) a study with local worker processes and logs its outcome to the parent run. The
+modules, bottom up: ``spec`` (the TOML spec), ``job`` (what every worker is given), ``storage`` (the shared
+Optuna storage, its lock, heartbeats and retries), ``trial`` (the objective), ``coordination`` (exactly N
+finished trials across workers; the worker processes), ``summary`` (reading a study back) and ``parent`` (the
+MLflow parent run).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import optuna
+
+from ..tracking import Store
+from .coordination import Tally, _run_workers, configure_logging, load_study, worker_seed
+from .job import StudyJob, make_job, normalize_storage_url, redact
+from .parent import _open_parent_run, log_study_outcome
+from .storage import RETRY_HISTORY, RUN_ID_ATTR, WORKER_ATTR, open_existing_study, open_storage
+from .summary import describe_importances, describe_study, export_trials
+
+__all__ = [
+    "RETRY_HISTORY", "RUN_ID_ATTR", "WORKER_ATTR", "StudyJob", "StudyOutcome", "configure_logging",
+    "describe_importances", "describe_study", "export_trials", "load_study", "make_job", "normalize_storage_url",
+    "open_existing_study", "open_storage", "redact", "run_study", "worker_seed",
+]
+
+
+@dataclass
+class StudyOutcome:
+    study: optuna.Study
+    job: StudyJob
+    parent_run_id: str
+    status: str
+    tally: Tally
+    finished_before: int
+    wall_seconds: float
+
+    @property
+    def trials_per_minute(self) -> float:
+        return 60 * (self.tally.finished - self.finished_before) / self.wall_seconds
+
+    def describe(self) -> str:
+        """What ``sweepbench study run`` ends with: the comparison table, the figures, where to browse."""
+        from ..tracking import Store, browse_hint
+
+        experiment_id = Store(self.job.tracking_uri).experiment(self.job.spec.name)
+        ui = browse_hint(self.job.tracking_uri, experiment_id)
+        return "\n".join([
+            describe_study(self.study), "",
+            f"{self.reason()} in {self.wall_seconds:.0f} s ({self.trials_per_minute:.1f} finished trials/min); "
+            f"MLflow parent run {self.parent_run_id} ({self.status})",
+            f"browse the runs: {ui}",
+        ])
+
+    def reason(self) -> str:
+        spec, tally = self.job.spec, self.tally
+        if tally.finished >= spec.target_trials():
+            return f"reached its target of {spec.target_trials()} finished trials"
+        if tally.failed >= spec.max_failed_trials:
+            return f"stopped after {tally.failed} failed trials (max_failed_trials = {spec.max_failed_trials})"
+        return f"timed out with {tally.finished} of {spec.target_trials()} trials finished"
+
+
+def run_study(job: StudyJob) -> StudyOutcome:
+    """Runs (or resumes) a study with ``job.workers`` local workers, then logs its outcome to the parent run.
+    A study that stops on ``max_failed_trials`` ends FAILED; Ctrl-C ends it KILLED and re-raises."""
+    started = time.perf_counter()
+    storage = open_storage(job)
+    study = load_study(job, storage)
+    finished_before = Tally.of(study.get_trials(deepcopy=False)).finished
+    store = Store(job.tracking_uri)
+    parent_run_id = _open_parent_run(study, job, store)
+    with store.lifecycle(parent_run_id) as outcome:
+        try:
+            _run_workers(job)
+            tally = Tally.of(study.get_trials(deepcopy=False))
+            if tally.failed >= job.spec.max_failed_trials and tally.finished < job.spec.target_trials():
+                outcome.status = "FAILED"
+        finally:
+            log_study_outcome(study, job, store, parent_run_id)
+    return StudyOutcome(study, job, parent_run_id, outcome.status, tally, finished_before,
+                        time.perf_counter() - started)

@@ -1,0 +1,238 @@
+"""How workers share a study: each reserves its trials, so that the study ends with exactly N finished.
+
+Storage is Optuna's RDB storage (SQLite in ``mlruns/studies/<name>.db`` by default, or any PostgreSQL URL shared
+by workers on many machines) with heartbeats, so a killed worker's trial goes stale, is marked FAIL and is queued
+again with the same parameters.
+
+**Exactly N finished trials.** ``n_trials`` is the study's total target of *finished* trials, COMPLETE or PRUNED,
+whoever runs them and however often the command is restarted. Optuna's ``MaxTrialsCallback`` checks the count
+after a trial ends, so workers that start together overshoot. Here each worker reserves its next trial
+atomically: under a lock (a PostgreSQL advisory lock for PostgreSQL storage, a file lock beside a SQLite file;
+other databases get a file lock under ``mlruns/`` that only serialises the workers of one machine) it counts
+COMPLETE + PRUNED + RUNNING trials and only calls ``ask`` while that count is below N. A worker that finds
+every remaining slot held by RUNNING trials waits for them instead of leaving: if their worker died, the trial
+goes stale, is retried, and the waiting worker runs the retry. So the study ends with exactly N finished trials
+and none RUNNING.
+
+**FAIL trials** (the trial raised, or its training diverged) do not count towards N: the study goes on. To stop a
+study whose every trial fails, it ends once ``max_failed_trials`` trials have failed on their own. Trials that
+failed because their worker died or was interrupted are retried (at most ``MAX_RETRIES`` times) and count as
+failures only when they run out of retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import platform
+import signal
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from .. import engine
+from ..config import ConfigError
+from .job import StudyJob, redact
+from .spec import StudySpec
+from .storage import PARENT_RUN_ATTR, RETRY_HISTORY, SEED_CLAIM_ATTR, _quiet, open_storage, storage_lock
+from .trial import run_trial
+
+POLL_SECONDS = 1.0
+INTERRUPT_GRACE_SECONDS = 3
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def create_sampler(spec: StudySpec, seed: int | None) -> optuna.samplers.BaseSampler:
+    startup = {} if spec.sampler_startup_trials is None else {"n_startup_trials": spec.sampler_startup_trials}
+    if spec.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True, **startup)
+    if spec.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if spec.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed, **startup)
+    if spec.sampler == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, **startup)
+    return GridSampler({param.name: param.grid_values() for param in spec.search}, seed=seed)
+
+
+class GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler without its ``study.stop()`` once the grid is done: that call only works inside
+    ``Study.optimize``, and the workers here stop at ``target_trials()`` (capped at the grid's size) anyway."""
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
+        return None
+
+
+def create_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    if spec.pruner == "median":
+        return optuna.pruners.MedianPruner(**spec.pruner_options)
+    if spec.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(max_resource=spec.base_config.epochs, **spec.pruner_options)
+    return optuna.pruners.NopPruner()
+
+
+def worker_seed(spec: StudySpec, study: optuna.Study, storage_url: str, worker_index: int,
+                claimant: str | None = None) -> int | None:
+    """The sampler seed of one worker: the spec's seed mixed with the study's trial count and the worker's index,
+    so parallel workers and resumed runs do not replay one random start, and the spec's seed itself for the first
+    worker of a new study (reproducible). The first process (``claimant``: host and pid) to take a (trial count,
+    worker index) pair claims it in the study, under the storage lock; a worker on another machine that starts
+    at the same pair also mixes in its own name instead of replaying the claimant's trials."""
+    if spec.sampler_seed is None:
+        return None
+    trials_so_far = len(study.get_trials(deepcopy=False))
+    claimant = claimant or f"{platform.node()}:{os.getpid()}"
+    key = f"{SEED_CLAIM_ATTR}.{trials_so_far}.{worker_index}"
+    with storage_lock(storage_url):
+        owner = study.user_attrs.get(key)
+        if owner is None:
+            study.set_user_attr(key, claimant)
+            owner = claimant
+    if owner != claimant:
+        return _mixed_seed(spec.sampler_seed, trials_so_far, worker_index, zlib.crc32(claimant.encode()))
+    if trials_so_far == 0 and worker_index == 0:
+        return spec.sampler_seed
+    return _mixed_seed(spec.sampler_seed, trials_so_far, worker_index)
+
+
+def _mixed_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def load_study(job: StudyJob, storage: RDBStorage, worker_index: int | None = None) -> optuna.Study:
+    """Creates the study, or loads it to resume; its directions must match the spec's. A worker (``worker_index``
+    given) gets the spec's sampler with its own seed; without one the study is only read and written to."""
+    spec = job.spec
+    with _quiet():
+        study = optuna.create_study(storage=storage, study_name=spec.name, directions=spec.directions,
+                                    load_if_exists=True, pruner=create_pruner(spec))
+        stored = [direction.name.lower() for direction in study.directions]
+        if stored != spec.directions:
+            raise ConfigError(f"objective: study {spec.name!r} in {redact(job.storage_url)} optimises {stored}, "
+                              f"the spec {spec.directions}; rename the study or use another storage")
+        if study.metric_names != spec.metric_names:
+            study.set_metric_names(spec.metric_names)
+    if worker_index is not None:
+        study.sampler = create_sampler(spec, worker_seed(spec, study, job.storage_url, worker_index))
+    return study
+
+
+@dataclass(frozen=True)
+class Tally:
+    finished: int
+    running: int
+    failed: int
+
+    @classmethod
+    def of(cls, trials: list[FrozenTrial]) -> Tally:
+        retried = {number for trial in trials for number in trial.system_attrs.get(RETRY_HISTORY, [])}
+        return cls(
+            finished=sum(trial.state in FINISHED for trial in trials),
+            running=sum(trial.state == TrialState.RUNNING for trial in trials),
+            failed=sum(trial.state == TrialState.FAIL and trial.number not in retried for trial in trials),
+        )
+
+    def settled(self, spec: StudySpec) -> bool:
+        return self.finished >= spec.target_trials() or self.failed >= spec.max_failed_trials
+
+    def has_slot(self, spec: StudySpec) -> bool:
+        return self.finished + self.running < spec.target_trials()
+
+
+def _fail_stale_trials(study: optuna.Study) -> None:
+    with _quiet():
+        optuna.storages.fail_stale_trials(study)
+
+
+def run_worker(job: StudyJob, worker_index: int = 0) -> None:
+    """Reserves and runs trials until the study is settled (see the module docstring) or the timeout passes."""
+    storage = open_storage(job)
+    study = load_study(job, storage, worker_index)
+    parent_run_id = study.user_attrs[PARENT_RUN_ATTR]
+    deadline = None if job.spec.timeout is None else time.monotonic() + job.spec.timeout
+    while deadline is None or time.monotonic() < deadline:
+        _fail_stale_trials(study)
+        with storage_lock(job.storage_url):
+            tally = Tally.of(study.get_trials(deepcopy=False))
+            if tally.settled(job.spec):
+                return
+            trial = _ask(study, storage) if tally.has_slot(job.spec) else None
+        if trial is None:
+            time.sleep(POLL_SECONDS)
+        else:
+            run_trial(study, trial, job, storage, parent_run_id)
+
+
+def _ask(study: optuna.Study, storage: RDBStorage) -> optuna.Trial:
+    """A new (or queued) trial, with its first heartbeat at once: a trial without one never goes stale."""
+    with _quiet():
+        trial = study.ask()
+    storage.record_heartbeat(trial._trial_id)
+    return trial
+
+
+def configure_logging() -> None:
+    """One line per trial from this package; Optuna's own chatter only when it is a warning."""
+    log = logging.getLogger(__package__)
+    log.setLevel(logging.INFO)
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _worker_process(job: StudyJob, worker_index: int) -> None:
+    """Entry point of a spawned local worker: a fair share of the CPU threads, then the worker loop."""
+    configure_logging()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.workers))
+    try:
+        with engine.sigterm_interrupts():
+            run_worker(job, worker_index)
+    except engine.Terminated:
+        sys.exit(128 + signal.SIGTERM)
+    except KeyboardInterrupt:
+        sys.exit(128 + signal.SIGINT)
+
+
+def _run_workers(job: StudyJob) -> None:
+    if job.workers == 1:
+        run_worker(job)
+        return
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_worker_process, args=(job, index), name=f"sweepbench-worker-{index}")
+                 for index in range(job.workers)]
+    for process in processes:
+        process.start()
+    try:
+        for process in processes:
+            process.join()
+    except KeyboardInterrupt as interrupt:
+        _stop_workers(processes, signal.SIGTERM if isinstance(interrupt, engine.Terminated) else signal.SIGINT)
+        raise
+    crashed = {process.name: process.exitcode for process in processes if process.exitcode != 0}
+    if crashed:
+        raise RuntimeError(f"worker process(es) exited abnormally: {crashed}")
+
+
+def _stop_workers(processes: list[multiprocessing.process.BaseProcess], signum: int) -> None:
+    """After Ctrl-C or SIGTERM: a terminal's Ctrl-C (or a scheduler's SIGTERM to the process group) reaches every
+    worker, which marks its trial and stops; a signal sent to this process alone is passed on to the workers
+    still running after a grace period."""
+    deadline = time.monotonic() + INTERRUPT_GRACE_SECONDS
+    for process in processes:
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            os.kill(process.pid, signum)
+    for process in processes:
+        process.join()

@@ -1,0 +1,123 @@
+"""The study's MLflow parent run: created once (its id kept in the study), reopened on every resume, and given the
+study's outcome at the end: trial counts, the best trial and its checkpoint, the trials table, Optuna's plots."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from .. import engine
+from ..tracking import Store, environment_tags
+from .coordination import Tally
+from .job import StudyJob, redact
+from .spec import ParamSpec, StudySpec
+from .storage import PARENT_RUN_ATTR, RUN_ID_ATTR, _quiet, storage_lock
+from .summary import best_trial, export_trials
+from .trial import MLFLOW_TEXT_LIMIT
+
+log = logging.getLogger(__name__)
+
+
+def _open_parent_run(study: optuna.Study, job: StudyJob, store: Store) -> str:
+    """The study's MLflow parent run: created once (its id kept in the study), reopened on every resume."""
+    with storage_lock(job.storage_url):
+        run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+        if run_id and store.reopen(run_id):
+            return run_id
+        run_id = _create_parent_run(store, job)
+        study.set_user_attr(PARENT_RUN_ATTR, run_id)
+        return run_id
+
+
+def _create_parent_run(store: Store, job: StudyJob) -> str:
+    spec = job.spec
+    device = engine.resolve_device(spec.base_config.device)
+    tags = {**environment_tags(device), "optuna.study_name": spec.name, "optuna.storage": redact(job.storage_url),
+            "spec": spec.source, "description": spec.description}
+    search = "; ".join(f"{param.name}: {_describe(param)}" for param in spec.search)
+    params = {"model": spec.base_config.model, "dataset": spec.base_config.dataset,
+              "objectives": ", ".join(f"{o.metric} ({o.direction})" for o in spec.objectives),
+              "sampler": spec.sampler, "sampler_seed": spec.sampler_seed, "pruner": spec.pruner,
+              "pruner_options": spec.pruner_options, "search_space": search[:MLFLOW_TEXT_LIMIT]}
+    experiment_id = store.experiment(spec.name, spec.description or None)
+    return store.start_run(experiment_id, f"study-{spec.name}", "study", tags, params)
+
+
+def _describe(param: ParamSpec) -> str:
+    if param.type == "categorical":
+        return f"one of {list(param.choices)}"
+    extras = (" log" if param.log else "") + (f" step {param.step:g}" if param.step else "")
+    return f"{param.type} [{param.low:g}, {param.high:g}]{extras}"
+
+
+def log_study_outcome(study: optuna.Study, job: StudyJob, store: Store, parent_run_id: str) -> None:
+    """Logs the study's outcome to its parent run: trial counts, the best trial (number, params, values,
+    checkpoint), the trials table as CSV, Optuna's plots as PNG."""
+    trials = study.get_trials(deepcopy=False)
+    counts = {f"n_{state.name.lower()}": sum(t.state == state for t in trials) for state in TrialState}
+    metrics: dict[str, float] = dict(counts)
+    tags = {"n_trials_target": str(job.spec.target_trials())}
+    best = best_trial(study)
+    if best is not None:
+        metrics.update({f"best_{name}": value for name, value in zip(job.spec.metric_names, best.values)})
+        metrics["best_trial_number"] = best.number
+        tags.update({"best_trial_number": str(best.number), "best_run_id": best.user_attrs.get(RUN_ID_ATTR, ""),
+                     **{f"best.{name}": str(value) for name, value in best.params.items()}})
+        _log_checkpoint(store, parent_run_id, best, tags)
+    if len(study.directions) > 1:
+        tags["pareto_trial_numbers"] = ",".join(str(trial.number) for trial in study.best_trials)
+    store.log(parent_run_id, metrics=metrics, tags=tags, step=Tally.of(trials).finished)
+    store.log_text(parent_run_id, export_trials(study, "csv"), "trials.csv")
+    if Path(job.spec.source).is_file():
+        store.log_artifact(parent_run_id, job.spec.source, "spec")
+    _log_plots(store, parent_run_id, study, job.spec)
+
+
+def _log_checkpoint(store: Store, parent_run_id: str, best: FrozenTrial, tags: dict[str, str]) -> None:
+    """Links the best trial's checkpoint: its path as a tag, and the file itself when it is on this machine."""
+    path = best.user_attrs.get("checkpoint")
+    if path:
+        tags["best_checkpoint"] = path
+        if Path(path).is_file():
+            store.log_artifact(parent_run_id, path, "best_checkpoint")
+
+
+def _study_plots(study: optuna.Study, spec: StudySpec) -> dict[str, Callable[[], Any]]:
+    from optuna.visualization import matplotlib as plots
+
+    target = {}
+    if len(spec.objectives) > 1:
+        target = {"target": lambda trial: trial.values[0], "target_name": spec.metric_names[0]}
+    figures = {
+        "optimization_history": lambda: plots.plot_optimization_history(study, **target),
+        "param_importances": lambda: plots.plot_param_importances(study, **target),
+        "parallel_coordinate": lambda: plots.plot_parallel_coordinate(study, **target),
+        "intermediate_values": lambda: plots.plot_intermediate_values(study),
+    }
+    if len(spec.objectives) > 1:
+        figures["pareto_front"] = lambda: plots.plot_pareto_front(study, target_names=spec.metric_names)
+    return figures
+
+
+def _log_plots(store: Store, run_id: str, study: optuna.Study, spec: StudySpec) -> None:
+    """Optuna's matplotlib plots (no plotly or kaleido needed); a plot the data cannot make yet (importances
+    from one trial, say) is skipped with a warning."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+
+    for name, plot in _study_plots(study, spec).items():
+        try:
+            with _quiet(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # matplotlib on a flat axis: cosmetic
+                axes = plot()
+        except (ValueError, RuntimeError) as exc:
+            log.warning(f"plot {name} skipped: {exc}")
+            continue
+        axes.figure.tight_layout()
+        store.log_figure(run_id, axes.figure, f"plots/{name}.png")

@@ -1,0 +1,143 @@
+"""A study's shared storage: opening it with heartbeats and a handler for the trials whose heartbeats stop
+(marked FAIL, queued again), the one lock per storage, and the keys the study and its trials carry there. How
+workers use all this is told in the docstring of ``coordination``."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import threading
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import filelock
+import optuna
+import sqlalchemy
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from ..config import ConfigError
+from ..tracking import Store
+from .job import STUDIES_DIR, StudyJob, default_storage_url, normalize_storage_url, redact
+
+log = logging.getLogger(__name__)
+
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+RUN_ID_ATTR = "mlflow_run_id"
+ERROR_ATTR = "error"
+WORKER_ATTR = "worker"
+SEED_CLAIM_ATTR = "sampler_seed_claim"  # study user attrs "sampler_seed_claim.<trials>.<worker index>": host:pid
+RETRY_HISTORY = "retry_history"
+GRACE_HEARTBEATS = 3
+MAX_RETRIES = 2
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Optuna marks heartbeats, metric names and its matplotlib plots experimental, and warns when ask-and-tell
+    meets heartbeats; none of that is news to a user of this module."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        yield
+
+
+def open_storage(job: StudyJob) -> RDBStorage:
+    sqlite = job.storage_url.startswith("sqlite")
+    engine_kwargs = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
+    with _quiet(), storage_lock(job.storage_url):
+        return RDBStorage(job.storage_url, engine_kwargs=engine_kwargs, heartbeat_interval=job.heartbeat_interval,
+                          grace_period=GRACE_HEARTBEATS * job.heartbeat_interval,
+                          heartbeat_stale_trial_callback=StaleTrialHandler(job.tracking_uri))
+
+
+def open_existing_study(name: str, storage_url: str | None = None) -> optuna.Study:
+    """Loads a study for reading; the error lists the studies the storage does hold."""
+    url = normalize_storage_url(storage_url or default_storage_url(name))
+    names = optuna.get_all_study_names(url)
+    if name not in names:
+        raise ConfigError(f"study: no study {name!r} in {redact(url)}; studies there: {', '.join(names) or 'none'}")
+    with _quiet():
+        return optuna.load_study(study_name=name, storage=url)
+
+
+ADVISORY_LOCK_KEY = int.from_bytes(hashlib.sha256(b"sweepbench.study").digest()[:8], "big", signed=True)
+
+
+@contextlib.contextmanager
+def storage_lock(storage_url: str) -> Iterator[None]:
+    """One lock per storage, held for milliseconds: around creating its tables (two workers starting on an empty
+    database would both create them) and around each trial reservation (see the docstring of ``coordination``)."""
+    url = sqlalchemy.engine.make_url(storage_url)
+    if url.get_backend_name() == "postgresql":
+        with _lock_engine(storage_url).connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": ADVISORY_LOCK_KEY})
+        return
+    database = url.database if url.get_backend_name() == "sqlite" else None
+    path = Path(f"{database}.lock") if database else Path.cwd() / STUDIES_DIR / "storage.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(path)):
+        yield
+
+
+@functools.lru_cache(maxsize=4)
+def _lock_engine(storage_url: str) -> sqlalchemy.engine.Engine:
+    return sqlalchemy.create_engine(storage_url, pool_size=1, pool_pre_ping=True)
+
+
+def retry_trial(study: optuna.Study, trial: FrozenTrial, max_retries: int = MAX_RETRIES) -> bool:
+    """Queues a trial that did not end on its own (dead worker, Ctrl-C) to run again with the same parameters,
+    at most ``max_retries`` times. Optuna's own retry callback copies the user attributes too (the old
+    MLflow run id, the error); this one keeps only the parameters and the retry history."""
+    history = [*trial.system_attrs.get(RETRY_HISTORY, []), trial.number]
+    if len(history) > max_retries:
+        return False
+    study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, params=trial.params,
+                                              distributions=trial.distributions,
+                                              system_attrs={RETRY_HISTORY: history}))
+    return True
+
+
+class StaleTrialHandler:
+    """Called by Optuna for a RUNNING trial whose heartbeats stopped (now FAIL): closes its MLflow child run as
+    FAILED and queues it again."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        self.tracking_uri = tracking_uri
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if run_id:
+            Store(self.tracking_uri).fail_run(run_id, "its worker stopped sending heartbeats (killed?)")
+        retried = retry_trial(study, trial)
+        log.warning(f"trial {trial.number}: its worker stopped sending heartbeats; marked FAIL"
+                    + (", queued again" if retried else f", not retried ({MAX_RETRIES} retries used)"))
+
+
+@contextlib.contextmanager
+def _heartbeat(storage: RDBStorage, trial_id: int, interval: int) -> Iterator[None]:
+    """Records the trial's heartbeat every ``interval`` seconds, as ``Study.optimize`` does. A database that is
+    busy for a moment costs one beat, not the thread (a silent thread would make a live trial look dead)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            try:
+                storage.record_heartbeat(trial_id)
+            except sqlalchemy.exc.OperationalError as exc:
+                log.warning(f"heartbeat of trial id {trial_id} skipped: {exc}")
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

@@ -1,0 +1,129 @@
+"""Reading a study back: the best trial, the comparison table, parameter importances, the bookkeeping share, and
+what ``sweepbench study show`` and ``sweepbench study export`` print."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+
+from .coordination import FINISHED, Tally
+from .storage import ERROR_ATTR, _quiet
+
+log = logging.getLogger(__name__)
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The best COMPLETE trial; for a Pareto study, the front's best on the first objective."""
+    candidates = study.best_trials if len(study.directions) > 1 else study.get_trials(states=(TrialState.COMPLETE,))
+    if not candidates:
+        return None
+    sign = 1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1
+    return max(candidates, key=lambda trial: sign * trial.values[0])
+
+
+STATE_ORDER = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1, TrialState.RUNNING: 2, TrialState.WAITING: 3,
+               TrialState.FAIL: 4}
+
+
+def _rank_key(study: optuna.Study, trial: FrozenTrial) -> tuple[int, float]:
+    """Best first: COMPLETE by the first objective, then PRUNED by their last reported value, then the rest."""
+    sign = -1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1
+    if trial.values:
+        value = trial.values[0]
+    elif trial.intermediate_values:
+        value = trial.intermediate_values[max(trial.intermediate_values)]
+    else:
+        value = math.inf * -sign
+    return STATE_ORDER[trial.state], sign * value
+
+
+def metric_names(study: optuna.Study) -> list[str]:
+    return study.metric_names or [f"value_{index}" for index in range(len(study.directions))]
+
+
+def trials_table(study: optuna.Study, limit: int | None = None) -> pd.DataFrame:
+    """The comparison table, best trial first: state, objective values, parameters, epochs, seconds, error."""
+    names = metric_names(study)
+    rows = []
+    for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: _rank_key(study, t))[:limit or None]:
+        row: dict[str, Any] = {"trial": trial.number, "state": trial.state.name}
+        row.update(zip(names, trial.values or [None] * len(names)))
+        row.update(trial.params)
+        row["epochs"] = trial.user_attrs.get("epochs_run", len(trial.intermediate_values))
+        row["seconds"] = trial.duration.total_seconds() if trial.duration else None
+        row["error"] = trial.user_attrs.get(ERROR_ATTR, "")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def param_importances(study: optuna.Study) -> dict[str, float]:
+    """Each parameter's importance for the first objective, by Optuna's default evaluator; empty while the
+    study has too few COMPLETE trials to tell."""
+    target = (lambda trial: trial.values[0]) if len(study.directions) > 1 else None
+    try:
+        with _quiet():
+            return optuna.importance.get_param_importances(study, target=target)
+    except (ValueError, RuntimeError) as exc:
+        log.warning(f"parameter importances unavailable: {exc}")
+        return {}
+
+
+def bookkeeping_share(study: optuna.Study) -> float | None:
+    """Time spent outside the engine (Optuna + MLflow) as a share of the finished trials' durations."""
+    timed = [trial for trial in study.get_trials(deepcopy=False, states=FINISHED)
+             if "engine_seconds" in trial.user_attrs and trial.duration]
+    total = sum(trial.duration.total_seconds() for trial in timed)
+    return 1 - sum(trial.user_attrs["engine_seconds"] for trial in timed) / total if total else None
+
+
+def describe_study(study: optuna.Study, limit: int = 10) -> str:
+    """Counts, the best trial, the bookkeeping share and the comparison table (markdown)."""
+    from ..report import export_table
+
+    tally = Tally.of(study.get_trials(deepcopy=False))
+    lines = [f"study {study.study_name}: {tally.finished} finished trials, {tally.failed} failed, "
+             f"{tally.running} running"]
+    best = best_trial(study)
+    if best is not None:
+        values = ", ".join(f"{name} {value:.4f}" for name, value in zip(metric_names(study), best.values))
+        lines.append(f"best trial #{best.number}: {values}; {best.params}")
+    share = bookkeeping_share(study)
+    if share is not None:
+        lines.append(f"bookkeeping (Optuna + MLflow): {100 * share:.1f}% of trial time")
+    table = trials_table(study, limit)
+    if not table.empty:
+        lines += ["", export_table(table, "md")]
+    left_out = len(study.get_trials(deepcopy=False)) - len(table)
+    if left_out > 0:
+        lines.append(f"... and {left_out} more trial(s) not shown (--limit 0 shows all)")
+    return "\n".join(lines)
+
+
+def describe_importances(study: optuna.Study) -> str:
+    importances = param_importances(study)
+    if not importances:
+        return "parameter importance: not enough COMPLETE trials yet"
+    width = max(len(name) for name in importances)
+    rows = [f"  {name:<{width}}  {value:.3f}" for name, value in importances.items()]
+    return "\n".join([f"parameter importance for {metric_names(study)[0]}:", *rows])
+
+
+def export_trials(study: optuna.Study, fmt: str) -> str:
+    """Every trial in one of the report formats (md, csv, html, ...): number, state, objective values,
+    parameters (``params_*``), start and end times (ISO 8601), duration in seconds and the trial's own
+    attributes (``user_attrs_*``); Optuna's internal ``system_attrs`` are left out."""
+    from ..report import export_table
+
+    table = study.trials_dataframe(attrs=("number", "state", "value", "datetime_start", "datetime_complete",
+                                          "duration", "params", "user_attrs"))
+    if "duration" in table:
+        table.insert(table.columns.get_loc("duration"), "duration_seconds", table.pop("duration").dt.total_seconds())
+    for column in ("datetime_start", "datetime_complete"):
+        if column in table:
+            table[column] = table[column].map(lambda value: None if pd.isna(value) else value.isoformat())
+    return export_table(table, fmt, title=f"study {study.study_name}: trials")
