@@ -9,13 +9,11 @@ import signal
 import sys
 from typing import Sequence
 
-from .config import DEVICES, LOADERS, OPTIMIZERS, PRECISIONS, ConfigError, RunConfig
+from .config import (DEVICES, KWARGS_FIELDS, PRECISIONS, ConfigError, RunConfig, apply_overrides, parse_overrides)
+from .config import fields as config_fields
 from .data import DataNotFoundError
 from .engine import Terminated, interrupt_message, sigterm_interrupts
-
-
-class UsageError(Exception):
-    """Bad command-line input that argparse cannot catch; printed as one line."""
+from .validators import choice
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -24,30 +22,38 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--download", action="store_true", help="let torchvision download a missing dataset")
 
 
+FLAG_TYPES = {"int": int, "float": float}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ``RunConfig`` field, from its metadata (``--batch-size``; ``--model-arg KEY=VALUE`` for
+    ``model_kwargs``), plus ``--set KEY=VALUE`` for any field. Unset flags keep the config's defaults."""
+    for f in config_fields():
+        if f.name in ("data_dir", "download"):
+            continue  # _add_data_args: shared with study run and bench
+        help_text = f.metadata["help"] + (f"; one of: {', '.join(f.metadata['choices'])}" if f.metadata["choices"]
+                                          else "")
+        if f.name in KWARGS_FIELDS:
+            parser.add_argument(f"--{f.name.split('_')[0]}-arg", dest=f.name, action="append", default=[],
+                                metavar="KEY=VALUE", help=f"{help_text} (repeatable)")
+        elif f.type == "bool":
+            parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", default=None, help=help_text)
+        else:
+            default = f.default if f.default is not None else "none"
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=FLAG_TYPES.get(f.type.split(" ")[0], str),
+                                help=f"{help_text} (default: {default})")
+    _add_set_arg(parser)
+
+
+def _add_set_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any run setting, e.g. lr=0.01, model_kwargs.hidden_size=256 (repeatable; over the "
+                             "other options)")
+
+
 def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("train", help="train one model with the one engine")
-    parser.add_argument("--model", default="mnist_mlp")
-    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="model keyword argument, e.g. hidden_size=256 (repeatable)")
-    parser.add_argument("--dataset", default="mnist")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1.0)
-    parser.add_argument("--lr-gamma", type=float, default=1.0, help="learning-rate decay per epoch (StepLR)")
-    parser.add_argument("--optimizer", default="adadelta", help=f"one of: {', '.join(OPTIMIZERS)}")
-    parser.add_argument("--momentum", type=float, default=0.0)
-    parser.add_argument("--nesterov", action="store_true")
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--device", default="auto", help=f"one of: {', '.join(DEVICES)}")
-    parser.add_argument("--precision", default="fp32", help=f"one of: {', '.join(PRECISIONS)}")
-    parser.add_argument("--loader", default="device", help=f"one of: {', '.join(LOADERS)}")
-    parser.add_argument("--augment", action="store_true", help="random crop + flip (CIFAR)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--val-size", type=int, default=5000)
-    parser.add_argument("--target-accuracy", type=float, help="validation accuracy for time-to-target")
-    parser.add_argument("--checkpoint-dir")
-    parser.add_argument("--resume", help="checkpoint to continue from")
+    _add_config_flags(parser)
     parser.add_argument("--json", action="store_true", help="end stdout with one JSON line")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")
     _add_data_args(parser)
@@ -63,30 +69,14 @@ def _add_tracking_args(parser: argparse.ArgumentParser, default_experiment: str 
                                                "sqlite:///<cwd>/mlruns/mlflow.db)")
 
 
-def parse_key_values(pairs: Sequence[str], option: str) -> dict:
-    """``["hidden_size=256", "dropout=0.1"]`` -> ``{"hidden_size": 256, "dropout": 0.1}`` (values parsed as JSON)."""
-    values = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"{option}: expected KEY=VALUE, got {pair!r}")
-        try:
-            values[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            values[key] = raw
-    return values
-
-
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    return RunConfig(
-        model=args.model, model_kwargs=parse_key_values(args.model_arg, "--model-arg"), dataset=args.dataset,
-        data_dir=args.data_dir, download=args.download, val_size=args.val_size, optimizer=args.optimizer,
-        lr=args.lr, momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay,
-        lr_gamma=args.lr_gamma, batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
-        device=args.device, precision=args.precision, compile=args.compile, loader=args.loader,
-        augment=args.augment, target_accuracy=args.target_accuracy, checkpoint_dir=args.checkpoint_dir,
-        resume=args.resume,
-    )
+    """The run config the ``train`` flags describe: the flags given, then ``--set`` over them."""
+    values = {f.name: getattr(args, f.name) for f in config_fields()
+              if f.name not in KWARGS_FIELDS and getattr(args, f.name) is not None}
+    for name in KWARGS_FIELDS:
+        option = f"--{name.split('_')[0]}-arg"
+        values = apply_overrides(values, parse_overrides(getattr(args, name), option, prefix=f"{name}."))
+    return RunConfig.from_dict(apply_overrides(values, parse_overrides(args.set)))
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -245,6 +235,7 @@ def _add_study_parser(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--precision", help=f"override the spec's precision: {', '.join(PRECISIONS)}")
     _add_data_args(run)
     _add_tracking_args(run)
+    _add_set_arg(run)
     run.set_defaults(handler=_study_run)
     show = study_commands.add_parser("show", help="print the best trials and each parameter's importance")
     _add_stored_study_args(show)
@@ -266,9 +257,9 @@ def _study_run(args: argparse.Namespace) -> int:
     from .study.spec import load_spec
     from .study import configure_logging, make_job, redact, run_study
 
-    spec = load_spec(args.spec).with_overrides(
-        n_trials=args.n_trials, timeout=args.timeout, device=args.device, precision=args.precision,
-        data_dir=args.data_dir, download=args.download or None)
+    changes = {"device": args.device, "precision": args.precision, "data_dir": args.data_dir,
+               "download": args.download or None, **parse_overrides(args.set)}
+    spec = load_spec(args.spec).with_overrides(n_trials=args.n_trials, timeout=args.timeout, **changes)
     job = make_job(spec, args.storage, args.tracking_uri, args.workers, args.heartbeat_interval)
     configure_logging()
     print(f"study {spec.name}: target {spec.target_trials()} finished trials, {job.workers} worker(s), "
@@ -311,6 +302,7 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--experiment", help="MLflow experiment name (default: bench-<benchmark name>)")
     parser.add_argument("--format", default="md", help="table format: md, csv, json, html or latex")
     parser.add_argument("--output", help="also write the table to this file")
+    _add_set_arg(parser)
     _add_data_args(parser)
     _add_tracking_args(parser)
     parser.set_defaults(handler=_bench)
@@ -323,10 +315,9 @@ def _bench(args: argparse.Namespace) -> int:
     from .report import EXPORT_FORMATS, export_table
     from .tracking import browse_hint
 
-    if args.format not in EXPORT_FORMATS:
-        raise UsageError(f"--format: {args.format!r} is not allowed; choose one of: {', '.join(EXPORT_FORMATS)}")
+    choice("--format", args.format, EXPORT_FORMATS)
     spec = load_spec(args.spec, repeats=args.repeats, devices=args.device, epochs=args.epochs,
-                     data_dir=args.data_dir, download=args.download or None)
+                     data_dir=args.data_dir, download=args.download or None, **parse_overrides(args.set))
     print(f"benchmark {spec.name}: {len(spec.cells)} cells x {spec.repeats} repeats", file=sys.stderr, flush=True)
     report = run_benchmark(spec, args.tracking_uri, args.experiment,
                            on_cell=lambda outcome: print(outcome.describe(), file=sys.stderr, flush=True))
@@ -360,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with sigterm_interrupts():
             return args.handler(args)
-    except (ConfigError, DataNotFoundError, UsageError) as exc:
+    except (ConfigError, DataNotFoundError) as exc:
         print(f"sweepbench: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:

@@ -1,49 +1,75 @@
-"""The run configuration: one dataclass, validated on creation, that every command fills in."""
+"""The run configuration: one flat block of settings, validated on creation, that every command fills in.
+
+``RunConfig`` is the one source of a run's settings. Each field's metadata says what it means (``help``), which
+values it takes (``choices``), whether a study may search it (``searchable``) and what a benchmark file does
+with it (``bench``: set per file, owned by the grid, or unsupported). The ``train`` flags, ``--set KEY=VALUE``
+(``train``, ``study run``, ``bench``), study specs and benchmark files are all views of these fields, checked by
+the same ``validate``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
+
+from .validators import ConfigError, at_least, choice, integer
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adadelta")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 LOADERS = ("device", "torchvision")
+KWARGS_FIELDS = ("model_kwargs", "dataset_kwargs")
+BENCH_GRID = "grid"  # a benchmark file sets these through grid.precisions
+BENCH_UNSUPPORTED = "unsupported"
 
 
-class ConfigError(ValueError):
-    """A bad setting. The message names the field and the allowed values."""
+def setting(default: Any = dataclasses.MISSING, *, help: str, choices: Sequence[str] = (), searchable: bool = True,
+            bench: str | None = None, factory: Any = dataclasses.MISSING) -> Any:
+    """A ``RunConfig`` field with its metadata (see the module docstring)."""
+    metadata = {"help": help, "choices": tuple(choices), "searchable": searchable, "bench": bench}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class RunConfig:
-    model: str = "mnist_mlp"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    dataset: str = "mnist"
-    dataset_kwargs: dict[str, Any] = field(default_factory=dict)
-    data_dir: str | None = None
-    download: bool = False
-    val_size: int = 5000
-    train_subset: int | None = None
-    optimizer: str = "adadelta"
-    lr: float = 1.0
-    momentum: float = 0.0
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    lr_gamma: float = 1.0
-    batch_size: int = 64
-    eval_batch_size: int = 1000
-    epochs: int = 1
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "fp32"
-    compile: bool = False
-    loader: str = "device"
-    augment: bool = False
-    target_accuracy: float | None = None
-    checkpoint_dir: str | None = None
-    resume: str | None = None
+    model: str = setting("mnist_mlp", help="registered model (sweepbench models)", searchable=False)
+    model_kwargs: dict[str, Any] = setting(factory=dict, help="model keyword arguments",
+                                           searchable=False)
+    dataset: str = setting("mnist", help="registered dataset (sweepbench datasets)", searchable=False)
+    dataset_kwargs: dict[str, Any] = setting(factory=dict, help="dataset keyword arguments", searchable=False)
+    data_dir: str | None = setting(None, help="folder with <dataset>.npz or torchvision's layout", searchable=False)
+    download: bool = setting(False, help="let torchvision download a missing dataset", searchable=False)
+    val_size: int = setting(5000, help="validation images carved from the training set")
+    train_subset: int | None = setting(None, help="train on the first N training images only")
+    optimizer: str = setting("adadelta", help="optimizer", choices=OPTIMIZERS)
+    lr: float = setting(1.0, help="learning rate")
+    momentum: float = setting(0.0, help="momentum (sgd, rmsprop)")
+    nesterov: bool = setting(False, help="Nesterov momentum (sgd with momentum > 0)")
+    weight_decay: float = setting(0.0, help="weight decay")
+    lr_gamma: float = setting(1.0, help="learning-rate decay per epoch (StepLR)")
+    batch_size: int = setting(64, help="training batch size")
+    eval_batch_size: int = setting(1000, help="evaluation batch size")
+    epochs: int = setting(1, help="epochs")
+    seed: int = setting(0, help="seed of initialisation and data order")
+    device: str = setting("auto", help="device", choices=DEVICES, bench=BENCH_GRID)
+    precision: str = setting("fp32", help="precision (autocast; GradScaler for fp16)", choices=PRECISIONS,
+                             bench=BENCH_GRID)
+    compile: bool = setting(False, help="torch.compile the model")
+    loader: str = setting("device", help="input path", choices=LOADERS)
+    augment: bool = setting(False, help="random crop + flip (CIFAR)")
+    target_accuracy: float | None = setting(None, help="validation accuracy for time-to-target")
+    checkpoint_dir: str | None = setting(None, help="folder for best.pt and last.pt", searchable=False,
+                                         bench=BENCH_UNSUPPORTED)
+    resume: str | None = setting(None, help="checkpoint to continue from", searchable=False, bench=BENCH_UNSUPPORTED)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -62,44 +88,86 @@ class RunConfig:
         return cls(**values)
 
 
+def fields() -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(RunConfig)
+
+
 def field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(RunConfig)]
+    return [f.name for f in fields()]
 
 
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name}: {value!r} is not allowed; choose one of: {', '.join(allowed)}")
+def searchable_fields() -> list[str]:
+    return [f.name for f in fields() if f.metadata["searchable"]]
 
 
-def _at_least(name: str, value: Any, low: float, inclusive: bool = True) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{name}: expected a number, got {value!r}")
-    if value < low or (not inclusive and value == low):
-        bound = f">= {low}" if inclusive else f"> {low}"
-        raise ConfigError(f"{name}: {value!r} is out of range; it must be {bound}")
+def bench_fields(role: str) -> list[str]:
+    """The fields a benchmark file treats as ``role`` (``BENCH_GRID`` or ``BENCH_UNSUPPORTED``)."""
+    return [f.name for f in fields() if f.metadata["bench"] == role]
+
+
+def error_within(label: str, error: ConfigError) -> ConfigError:
+    """A config error as seen from the table ``label`` it came from: a field's error gets the field's path
+    (``train`` + ``lr: ...`` -> ``train.lr: ...``), any other error the table's name in front."""
+    message = str(error)
+    field_error = message.split(":", 1)[0].split(".")[0] in field_names()
+    return ConfigError(f"{label}{'.' if field_error else ': '}{message}")
 
 
 def validate(config: RunConfig) -> None:
     """Checks values that need no registry or hardware; names are checked where they are looked up."""
-    _choice("optimizer", config.optimizer, OPTIMIZERS)
-    _choice("device", config.device, DEVICES)
-    _choice("precision", config.precision, PRECISIONS)
-    _choice("loader", config.loader, LOADERS)
-    _at_least("lr", config.lr, 0, inclusive=False)
-    _at_least("momentum", config.momentum, 0)
-    _at_least("weight_decay", config.weight_decay, 0)
-    _at_least("lr_gamma", config.lr_gamma, 0, inclusive=False)
+    for f in fields():
+        if f.metadata["choices"]:
+            choice(f.name, getattr(config, f.name), f.metadata["choices"])
+    at_least("lr", config.lr, 0, inclusive=False)
+    at_least("momentum", config.momentum, 0)
+    at_least("weight_decay", config.weight_decay, 0)
+    at_least("lr_gamma", config.lr_gamma, 0, inclusive=False)
     for name in ("batch_size", "eval_batch_size", "epochs"):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}: expected an integer, got {value!r}")
-        _at_least(name, value, 1)
-    _at_least("val_size", config.val_size, 0)
+        at_least(name, integer(name, getattr(config, name)), 1)
+    at_least("val_size", config.val_size, 0)
     if config.train_subset is not None:
-        _at_least("train_subset", config.train_subset, 1)
+        at_least("train_subset", config.train_subset, 1)
     if config.target_accuracy is not None and not 0 < config.target_accuracy <= 1:
         raise ConfigError(f"target_accuracy: {config.target_accuracy!r} must be in (0, 1]")
     if config.nesterov and (config.optimizer != "sgd" or config.momentum <= 0):
         raise ConfigError("nesterov: needs optimizer 'sgd' with momentum > 0")
     if not isinstance(config.model_kwargs, dict) or not isinstance(config.dataset_kwargs, dict):
         raise ConfigError("model_kwargs and dataset_kwargs: expected tables (dicts)")
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as TOML reads it (``64`` -> 64, ``1e-3`` -> 0.001, ``true`` -> True), else as text
+    (``bf16``, ``/data``)."""
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(pairs: Sequence[str], option: str = "--set", prefix: str = "") -> dict[str, Any]:
+    """``["lr=0.1", "model_kwargs.hidden_size=64"]`` -> ``{"lr": 0.1, "model_kwargs": {"hidden_size": 64}}``,
+    every key a ``RunConfig`` field (or ``<kwargs field>.<argument>``); ``prefix`` goes before each key
+    (``--model-arg hidden_size=64`` is ``model_kwargs.`` + ``hidden_size=64``)."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{option}: expected KEY=VALUE, got {pair!r}")
+        key = prefix + key
+        head, _, argument = key.partition(".")
+        choice(f"{option} {key}", head, field_names())
+        if argument and head not in KWARGS_FIELDS:
+            raise ConfigError(f"{option} {key}: only {', '.join(KWARGS_FIELDS)} take a .<argument>")
+        if argument:
+            overrides.setdefault(head, {})[argument] = parse_value(text)
+        else:
+            overrides[head] = parse_value(text)
+    return overrides
+
+
+def apply_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` over a dict of RunConfig fields; kwargs tables are merged argument by argument."""
+    merged = dict(values)
+    for key, value in overrides.items():
+        merged[key] = {**merged.get(key, {}), **value} if key in KWARGS_FIELDS else value
+    return merged

@@ -23,7 +23,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .config import ConfigError
+from .registry import Registry
+from .validators import ConfigError
 
 VAL_SPLIT_SEED = 20240601
 DATA_DIR_ENV = "SWEEPBENCH_DATA_DIR"
@@ -92,27 +93,25 @@ class DatasetEntry:
     real: bool
 
 
-_DATASETS: dict[str, DatasetEntry] = {}
+DATASETS: Registry[DatasetEntry] = Registry("dataset")
 
 
 def register_dataset(classes: tuple[str, ...], real: bool = True) -> Callable:
     """Registers ``loader(data_dir: Path, download: bool, **kwargs) -> RawArrays`` under its function name."""
 
     def decorate(loader: Callable[..., RawArrays]) -> Callable[..., RawArrays]:
-        _DATASETS[loader.__name__] = DatasetEntry(loader.__name__, loader, tuple(classes), real)
+        DATASETS.add(loader.__name__, DatasetEntry(loader.__name__, loader, tuple(classes), real))
         return loader
 
     return decorate
 
 
 def list_datasets() -> list[str]:
-    return sorted(_DATASETS)
+    return DATASETS.names()
 
 
 def get_dataset_entry(name: str) -> DatasetEntry:
-    if name not in _DATASETS:
-        raise ConfigError(f"dataset: unknown dataset {name!r}; registered datasets: {', '.join(list_datasets())}")
-    return _DATASETS[name]
+    return DATASETS.get(name)
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -136,7 +135,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(name: str, directory: Path, download: bool, val_size: int, kwargs: tuple) -> Dataset:
-    entry = _DATASETS[name]
+    entry = DATASETS.get(name)
     try:
         raw = entry.loader(directory, download, **dict(kwargs))
     except TypeError as exc:

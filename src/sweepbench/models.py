@@ -11,7 +11,8 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .config import ConfigError
+from .registry import Registry
+from .validators import ConfigError
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class ModelEntry:
         return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
 
-_MODELS: dict[str, ModelEntry] = {}
+MODELS: Registry[ModelEntry] = Registry("model")
 
 
 def register_model(input_shape: tuple[int, ...]) -> Callable:
@@ -34,20 +35,18 @@ def register_model(input_shape: tuple[int, ...]) -> Callable:
 
     def decorate(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         doc = (factory.__doc__ or "").strip().splitlines()
-        _MODELS[factory.__name__] = ModelEntry(factory.__name__, factory, tuple(input_shape), doc[0] if doc else "")
+        MODELS.add(factory.__name__, ModelEntry(factory.__name__, factory, tuple(input_shape), doc[0] if doc else ""))
         return factory
 
     return decorate
 
 
 def list_models() -> list[str]:
-    return sorted(_MODELS)
+    return MODELS.names()
 
 
 def get_model_entry(name: str) -> ModelEntry:
-    if name not in _MODELS:
-        raise ConfigError(f"model: unknown model {name!r}; registered models: {', '.join(list_models())}")
-    return _MODELS[name]
+    return MODELS.get(name)
 
 
 def check_model_kwargs(name: str, kwargs: dict[str, Any], label: str = "model_kwargs") -> ModelEntry:

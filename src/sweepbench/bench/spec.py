@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..config import LOADERS, ConfigError, RunConfig
+from ..config import (BENCH_GRID, BENCH_UNSUPPORTED, LOADERS, ConfigError, RunConfig, apply_overrides, bench_fields,
+                      error_within)
 from ..data import get_dataset_entry
 from ..models import check_model_kwargs
 from .. import tomlcheck
@@ -17,8 +18,8 @@ SECTIONS = ("benchmark", "grid", "defaults", "models")
 BENCHMARK_KEYS = ("name", "description", "repeats", "warmup_epochs", "baseline", "accuracy_tolerance")
 AXES = ("precisions", "loaders", "compile", "batch_sizes")
 BASELINE_KEYS = ("precision", "loader", "compile", "batch_size")
-GRID_OWNED_FIELDS = ("device", "precision")
-UNSUPPORTED_FIELDS = ("resume", "checkpoint_dir")
+GRID_OWNED_FIELDS = tuple(bench_fields(BENCH_GRID))
+UNSUPPORTED_FIELDS = tuple(bench_fields(BENCH_UNSUPPORTED))
 DEFAULT_BASELINE = "cpu/fp32"
 
 
@@ -77,16 +78,10 @@ def _check_list(label: str, values: Any, check: Callable[[str, Any], Any]) -> li
     return values
 
 
-def _check_bool(label: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{label}: {value!r} is not allowed; choose one of: false, true")
-    return value
-
-
 AXIS_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "precisions": lambda label, value: tomlcheck.choice(label, value, PRECISIONS),
     "loaders": lambda label, value: tomlcheck.choice(label, value, LOADERS),
-    "compile": _check_bool,
+    "compile": tomlcheck.boolean,
     "batch_sizes": tomlcheck.positive_int,
 }
 
@@ -109,7 +104,7 @@ def _run_config(label: str, values: dict[str, Any]) -> RunConfig:
     try:
         config = RunConfig.from_dict(values)
     except ConfigError as exc:
-        raise ConfigError(f"{label}: {exc}") from exc
+        raise error_within(label, exc) from exc
     get_dataset_entry(config.dataset)
     check_model_kwargs(config.model, config.model_kwargs, f"{label}.model_kwargs")
     return config
@@ -120,7 +115,7 @@ def _model_cells(label: str, entry: Any, defaults: dict[str, Any], overrides: di
     """The cells of one ``[[models]]`` entry: its RunConfig fields over ``[defaults]``, its axes over ``[grid]``."""
     entry = tomlcheck.table(label, entry)
     fields = {key: value for key, value in entry.items() if key not in AXES and key != "label"}
-    config = _run_config(label, {**defaults, **fields, **overrides})
+    config = _run_config(label, apply_overrides({**defaults, **fields}, overrides))
     if config.epochs <= warmup_epochs:
         raise ConfigError(f"{label}.epochs: {config.epochs} leaves no timed epoch; with warmup_epochs = "
                           f"{warmup_epochs} it must be >= {warmup_epochs + 1}")

@@ -22,7 +22,7 @@ from typing import Sequence
 import pandas as pd
 from scipy import stats
 
-from ..config import ConfigError
+from ..validators import ConfigError, choice
 from .runs import has_key, run_values
 
 DEFAULT_GROUP_BY = ("model", "dataset", "device", "precision", "optimizer")
@@ -185,8 +185,7 @@ def compare_runs(runs: pd.DataFrame, group_by: Sequence[str] = DEFAULT_GROUP_BY,
     """The comparison table of ``runs`` grouped by ``group_by`` (see the module docstring for its rules)."""
     if runs.empty:
         raise ConfigError("no runs match the selection")
-    if spread not in SPREADS:
-        raise ConfigError(f"spread: {spread!r} is not allowed; choose one of: {', '.join(SPREADS)}")
+    choice("spread", spread, tuple(SPREADS))
     group_by, metrics = list(group_by), metric_names(runs, metrics)
     frame = per_run_frame(runs, group_by, metrics)
     notes = []

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from ..config import ConfigError
+from ..validators import choice
 
 EXPORT_FORMATS = ("md", "csv", "json", "html", "latex")
 FORMAT_SUFFIXES = {"tex": "latex", "markdown": "md", "htm": "html"}
@@ -68,6 +68,7 @@ def html_page(table: pd.DataFrame, title: str = "sweepbench comparison", notes: 
 def export_table(table: pd.DataFrame, fmt: str, notes: Sequence[str] = (), title: str = "sweepbench comparison") -> str:
     """Renders a table as text in one of ``EXPORT_FORMATS``; csv and json parse back to the same numbers.
     ``notes`` go into the HTML page (other formats stay plain tables: print the notes beside them)."""
+    choice("format", fmt, EXPORT_FORMATS)
     if fmt == "md":
         return _blank_missing(table).to_markdown(index=False, floatfmt=".4g")
     if fmt == "csv":
@@ -76,6 +77,4 @@ def export_table(table: pd.DataFrame, fmt: str, notes: Sequence[str] = (), title
         return json.dumps(_blank_missing(table).to_dict(orient="records"), indent=2, default=_json_value)
     if fmt == "html":
         return html_page(table, title, notes)
-    if fmt == "latex":
-        return table.to_latex(index=False, float_format="%.4g", na_rep="")
-    raise ConfigError(f"format: {fmt!r} is not allowed; choose one of: {', '.join(EXPORT_FORMATS)}")
+    return table.to_latex(index=False, float_format="%.4g", na_rep="")

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from ..config import ConfigError
+from ..validators import ConfigError, choice, choices
 from ..tracking import RUN_KINDS, TRAINING_KINDS, Store, run_kind
 
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED", "RUNNING", "all")
@@ -43,20 +43,14 @@ def _run_row(run: Any, experiments: dict[str, str]) -> dict[str, Any]:
     return row
 
 
-def _check_choices(label: str, values: Sequence[str], allowed: Sequence[str]) -> None:
-    unknown = [value for value in values if value not in allowed]
-    if unknown:
-        raise ConfigError(f"{label}: {', '.join(map(repr, unknown))} not allowed; choose from: {', '.join(allowed)}")
-
-
 def load_runs(tracking_uri: str, experiments: Sequence[str] | None = None, filter_string: str = "",
               status: str = "FINISHED", kinds: Sequence[str] = TRAINING_KINDS) -> pd.DataFrame:
     """One row per run of ``kinds`` with ``status``: its attributes (``kind`` among them), ``params.*``,
     ``tags.*`` and the latest ``metrics.*``."""
     from mlflow.exceptions import MlflowException
 
-    _check_choices("status", [status], RUN_STATUSES)
-    _check_choices("kind", kinds, RUN_KINDS)
+    choice("status", status, RUN_STATUSES)
+    choices("kind", kinds, RUN_KINDS)
     store = Store(tracking_uri)
     experiment_names = _experiment_ids(store, experiments)
     clauses = [filter_string] if filter_string else []

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, RunConfig, field_names
+from ..config import (KWARGS_FIELDS, ConfigError, RunConfig, apply_overrides, error_within, field_names,
+                      searchable_fields)
 from ..data import get_dataset_entry
 from ..models import check_model_kwargs, get_model_entry
 from .. import tomlcheck
@@ -26,7 +27,6 @@ PARAM_TYPES = ("int", "float", "categorical")
 DIRECTIONS = ("maximize", "minimize")
 METRIC_DIRECTIONS = {"val_accuracy": "maximize", "val_loss": "minimize", "train_seconds": "minimize"}
 EPOCH_METRICS = ("val_accuracy", "val_loss")
-KWARGS_FIELDS = ("model_kwargs", "dataset_kwargs")
 
 TOP_KEYS = ("name", "description", "model", "dataset", "train", "objective", "sampler", "pruner", "budget", "search")
 SAMPLER_KEYS = ("name", "seed", "n_startup_trials")
@@ -40,7 +40,6 @@ PARAM_KEYS = {"int": ("type", "low", "high", "step", "log"),
               "float": ("type", "low", "high", "step", "log"),
               "categorical": ("type", "choices")}
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-NOT_SEARCHABLE = ("model", "dataset", "data_dir", "download", "checkpoint_dir", "resume", *KWARGS_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -98,11 +97,17 @@ class StudySpec:
 
     def with_overrides(self, n_trials: int | None = None, timeout: float | None = None,
                        **config_changes: Any) -> StudySpec:
-        """The same spec with a new budget and fixed training settings (``None`` keeps a value)."""
+        """The same spec with a new budget and fixed training settings (``None`` keeps a value; kwargs tables
+        are merged argument by argument). A searched setting cannot be fixed: the trials would ignore it."""
         changes = {key: value for key, value in config_changes.items() if value is not None}
+        fixed = [*changes, *(f"{key}.{arg}" for key in KWARGS_FIELDS if key in changes for arg in changes[key])]
+        searched = sorted(set(fixed) & {param.name for param in self.search})
+        if searched:
+            raise ConfigError(f"--set {', '.join(searched)}: searched by study {self.name!r}; "
+                              "remove it from the spec's [search] to fix it")
         return dataclasses.replace(
             self,
-            base_config=self.base_config.replace(**changes),
+            base_config=RunConfig.from_dict(apply_overrides(self.base_config.to_dict(), changes)),
             n_trials=self.n_trials if n_trials is None else tomlcheck.positive_int("--n-trials", n_trials),
             timeout=self.timeout if timeout is None else tomlcheck.positive_number("--timeout", timeout),
         )
@@ -184,7 +189,7 @@ def _base_config(data: dict[str, Any]) -> RunConfig:
     try:
         config = RunConfig.from_dict({"model": data["model"], "dataset": data["dataset"], **train})
     except ConfigError as exc:
-        raise ConfigError(f"train.{exc}") from exc
+        raise error_within("train", exc) from exc
     check_model_kwargs(config.model, config.model_kwargs, "train.model_kwargs")
     return config
 
@@ -254,7 +259,7 @@ def _check_search_field(name: str, base_config: RunConfig) -> None:
         if arg in getattr(base_config, head):
             raise ConfigError(f"search.{name}: also fixed in [train].{head}; keep it in one place")
         return
-    allowed = [field for field in field_names() if field not in NOT_SEARCHABLE]
+    allowed = searchable_fields()
     if name not in allowed:
         raise ConfigError(f"search.{name}: not a searchable field; allowed: {', '.join(allowed)}, "
                           "model_kwargs.<arg>, dataset_kwargs.<arg>")

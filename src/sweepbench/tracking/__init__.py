@@ -15,6 +15,6 @@ from .ui import browse_hint, experiment_url, serve, stop_process_group, ui_comma
 
 __all__ = ["KIND_TAG", "RUN_KINDS", "SUMMARY_KINDS", "TRAINING_KINDS", "MlflowLogger", "RunOutcome", "Store",
            "artifact_root", "as_metrics", "browse_hint", "config_params", "config_tags", "default_tracking_uri",
-           "ensure_experiment", "experiment_url", "environment_tags", "flatten", "fluent_tracking_uri", "git_commit", "is_server",
-           "resolve_tracking_uri", "run_kind", "serve", "sqlite_path", "stop_process_group", "train_tracked",
-           "ui_command"]
+           "ensure_experiment", "environment_tags", "experiment_url", "flatten", "fluent_tracking_uri", "git_commit",
+           "is_server", "resolve_tracking_uri", "run_kind", "serve", "sqlite_path", "stop_process_group",
+           "train_tracked", "ui_command"]
