@@ -99,11 +99,7 @@ DATASETS: Registry[DatasetEntry] = Registry("dataset")
 def register_dataset(classes: tuple[str, ...], real: bool = True) -> Callable:
     """Registers ``loader(data_dir: Path, download: bool, **kwargs) -> RawArrays`` under its function name."""
 
-    def decorate(loader: Callable[..., RawArrays]) -> Callable[..., RawArrays]:
-        DATASETS.add(loader.__name__, DatasetEntry(loader.__name__, loader, tuple(classes), real))
-        return loader
-
-    return decorate
+    return DATASETS.decorator(lambda loader: DatasetEntry(loader.__name__, loader, tuple(classes), real))
 
 
 def list_datasets() -> list[str]:

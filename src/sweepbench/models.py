@@ -33,12 +33,11 @@ MODELS: Registry[ModelEntry] = Registry("model")
 def register_model(input_shape: tuple[int, ...]) -> Callable:
     """Registers a factory under its function name; ``input_shape`` is one sample's (C, H, W)."""
 
-    def decorate(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    def entry(factory: Callable[..., nn.Module]) -> ModelEntry:
         doc = (factory.__doc__ or "").strip().splitlines()
-        MODELS.add(factory.__name__, ModelEntry(factory.__name__, factory, tuple(input_shape), doc[0] if doc else ""))
-        return factory
+        return ModelEntry(factory.__name__, factory, tuple(input_shape), doc[0] if doc else "")
 
-    return decorate
+    return MODELS.decorator(entry)
 
 
 def list_models() -> list[str]:

@@ -3,11 +3,12 @@ entry and a lookup that names every registered choice when a name is unknown."""
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from typing import Callable, Generic, TypeVar
 
 from .validators import ConfigError
 
 Entry = TypeVar("Entry")
+Function = TypeVar("Function", bound=Callable)
 
 
 class Registry(Generic[Entry]):
@@ -19,6 +20,15 @@ class Registry(Generic[Entry]):
 
     def add(self, name: str, entry: Entry) -> None:
         self._entries[name] = entry
+
+    def decorator(self, make_entry: Callable[[Function], Entry]) -> Callable[[Function], Function]:
+        """A decorator that registers a function under its name, as the entry ``make_entry`` makes of it."""
+
+        def register(function: Function) -> Function:
+            self.add(function.__name__, make_entry(function))
+            return function
+
+        return register
 
     def names(self) -> list[str]:
         return sorted(self._entries)
