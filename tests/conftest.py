@@ -10,7 +10,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import pytest
 import torch
@@ -79,3 +79,24 @@ def mlflow_server(folder: Path, backend_uri: str | None = None) -> Iterator[str]
         yield f"http://127.0.0.1:{port}"
     finally:
         stop_process_group(process)
+
+
+def folder_snapshot(folder: Path) -> set[Path]:
+    return {path.relative_to(folder) for path in folder.rglob("*")}
+
+
+def assert_refused(args: Sequence[str], message: str, cwd: Path, env: dict | None = None,
+                   timeout: float = 60) -> subprocess.CompletedProcess:
+    """Runs ``sweepbench ARGS`` in ``cwd`` and checks a bad input's contract: exit status 2, exactly one line on
+    stderr (``sweepbench: error: ...``) matching the regex ``message``, no traceback, nothing created or changed
+    in ``cwd``, within ``timeout`` seconds."""
+    import re
+
+    before = folder_snapshot(cwd)
+    completed = run_cli(*args, cwd=cwd, env=env, timeout=timeout)
+    lines = completed.stderr.splitlines()
+    assert completed.returncode == 2, f"exit {completed.returncode}, stderr:\n{completed.stderr}"
+    assert len(lines) == 1 and lines[0].startswith("sweepbench: error: "), completed.stderr
+    assert re.search(message, lines[0]), f"{lines[0]!r} does not match {message!r}"
+    assert folder_snapshot(cwd) == before, f"created: {sorted(map(str, folder_snapshot(cwd) - before))}"
+    return completed
