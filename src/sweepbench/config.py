@@ -124,7 +124,7 @@ def validate(config: RunConfig) -> None:
     at_least("lr_gamma", config.lr_gamma, 0, inclusive=False)
     for name in ("batch_size", "eval_batch_size", "epochs"):
         at_least(name, integer(name, getattr(config, name)), 1)
-    at_least("val_size", config.val_size, 0)
+    at_least("val_size", integer("val_size", config.val_size), 1)  # models are chosen on it
     if config.train_subset is not None:
         at_least("train_subset", config.train_subset, 1)
     if config.target_accuracy is not None and not 0 < config.target_accuracy <= 1:

@@ -16,6 +16,7 @@ import gzip
 import hashlib
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -91,15 +92,18 @@ class DatasetEntry:
     loader: Callable[..., RawArrays]
     classes: tuple[str, ...]
     real: bool
+    image_shape: tuple[int, ...] | None  # one image's (C, H, W); None where dataset_kwargs decide it
 
 
 DATASETS: Registry[DatasetEntry] = Registry("dataset")
 
 
-def register_dataset(classes: tuple[str, ...], real: bool = True) -> Callable:
-    """Registers ``loader(data_dir: Path, download: bool, **kwargs) -> RawArrays`` under its function name."""
-
-    return DATASETS.decorator(lambda loader: DatasetEntry(loader.__name__, loader, tuple(classes), real))
+def register_dataset(classes: tuple[str, ...], real: bool = True,
+                     image_shape: tuple[int, ...] | None = None) -> Callable:
+    """Registers ``loader(data_dir: Path, download: bool, **kwargs) -> RawArrays`` under its function name;
+    ``image_shape`` (C, H, W), when fixed, lets a model's input be checked before any data loads."""
+    return DATASETS.decorator(lambda loader: DatasetEntry(loader.__name__, loader, tuple(classes), real,
+                                                          image_shape))
 
 
 def list_datasets() -> list[str]:
@@ -136,7 +140,27 @@ def _load_cached(name: str, directory: Path, download: bool, val_size: int, kwar
         raw = entry.loader(directory, download, **dict(kwargs))
     except TypeError as exc:
         raise ConfigError(f"dataset_kwargs for {name!r}: {exc}") from exc
-    return _split(name, raw, raw.classes or entry.classes, val_size)
+    dataset = _split(name, raw, raw.classes or entry.classes, val_size)
+    _check_contents(dataset, entry)
+    return dataset
+
+
+def _check_contents(dataset: Dataset, entry: DatasetEntry) -> None:
+    """Images of the registered shape and labels within the class range: a file that breaks either fails here,
+    in one line naming it, not at the first batch."""
+    shapes = {tuple(dataset.x_train.shape[1:]), tuple(dataset.x_test.shape[1:])}
+    if len(shapes) > 1 or (entry.image_shape and shapes != {entry.image_shape}):
+        raise ConfigError(f"{dataset.source}: images of shape {tuple(dataset.x_train.shape[1:])} (train) and "
+                          f"{tuple(dataset.x_test.shape[1:])} (test); dataset {dataset.name!r} has "
+                          f"{entry.image_shape or 'one shape for both'} (C, H, W)")
+    for split, images, labels in (("train", dataset.x_train, dataset.y_train), ("val", dataset.x_val, dataset.y_val),
+                                  ("test", dataset.x_test, dataset.y_test)):
+        if len(images) != len(labels):
+            raise ConfigError(f"{dataset.source}: {len(images)} {split} images but {len(labels)} labels")
+        if len(labels) and (labels.min() < 0 or labels.max() >= dataset.num_classes):
+            raise ConfigError(f"{dataset.source}: {split} labels from {labels.min().item()} to "
+                              f"{labels.max().item()}; dataset {dataset.name!r} has {dataset.num_classes} classes, "
+                              f"labels 0 to {dataset.num_classes - 1}")
 
 
 def _to_nchw(images: np.ndarray) -> torch.Tensor:
@@ -173,11 +197,18 @@ def _split(name: str, raw: RawArrays, classes: tuple[str, ...], val_size: int) -
 
 
 def _read_npz(path: Path) -> RawArrays:
-    with np.load(path) as arrays:
-        missing = {"x_train", "y_train", "x_test", "y_test"} - set(arrays.files)
-        if missing:
-            raise ConfigError(f"{path}: missing keys {sorted(missing)}; expected x_train, y_train, x_test, y_test")
-        return RawArrays(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], str(path))
+    try:
+        with np.load(path) as arrays:
+            missing = {"x_train", "y_train", "x_test", "y_test"} - set(arrays.files)
+            if missing:
+                raise ConfigError(f"{path}: missing keys {sorted(missing)}; expected x_train, y_train, x_test, "
+                                  "y_test")
+            return RawArrays(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], str(path))
+    except ConfigError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ConfigError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc}); expected numpy's "
+                          "npz with uint8 x_train, x_test and integer y_train, y_test") from exc
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -248,17 +279,17 @@ def _load_real(name: str, directory: Path, download: bool, layout_dir: str, torc
     )
 
 
-@register_dataset(MNIST_CLASSES)
+@register_dataset(MNIST_CLASSES, image_shape=(1, 28, 28))
 def mnist(data_dir: Path, download: bool) -> RawArrays:
     return _load_real("mnist", data_dir, download, "MNIST/raw", "MNIST", _read_mnist_layout)
 
 
-@register_dataset(FASHION_CLASSES)
+@register_dataset(FASHION_CLASSES, image_shape=(1, 28, 28))
 def fashion_mnist(data_dir: Path, download: bool) -> RawArrays:
     return _load_real("fashion_mnist", data_dir, download, "FashionMNIST/raw", "FashionMNIST", _read_mnist_layout)
 
 
-@register_dataset(CIFAR10_CLASSES)
+@register_dataset(CIFAR10_CLASSES, image_shape=(3, 32, 32))
 def cifar10(data_dir: Path, download: bool) -> RawArrays:
     return _load_real("cifar10", data_dir, download, "cifar-10-batches-py", "CIFAR10", _read_cifar10_layout)
 

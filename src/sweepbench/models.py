@@ -12,7 +12,13 @@ from typing import Any, Callable
 from torch import nn
 
 from .registry import Registry
-from .validators import ConfigError
+from .validators import ConfigError, integer, number
+
+
+# Allowed ranges of the keyword arguments the models share: (low, high), both included; a float's high is
+# excluded where the name says so in ``EXCLUSIVE_HIGH``.
+ARGUMENT_RANGES = {"hidden_size": (1, 1 << 16), "dropout": (0.0, 1.0), "num_classes": (2, 1 << 16)}
+EXCLUSIVE_HIGH = ("dropout",)
 
 
 @dataclass(frozen=True)
@@ -49,15 +55,42 @@ def get_model_entry(name: str) -> ModelEntry:
 
 
 def check_model_kwargs(name: str, kwargs: dict[str, Any], label: str = "model_kwargs") -> ModelEntry:
-    """Fails fast, before any data is loaded, on an unknown model or keyword argument; ``label`` names the
-    field in the error (``train.model_kwargs`` in a study spec, say)."""
+    """Fails fast, before any data is loaded, on an unknown model or keyword argument, or a value of the wrong
+    type (the default's) or out of ``ARGUMENT_RANGES``; ``label`` names the field in the error
+    (``train.model_kwargs`` in a study spec, say). A None value checks the argument's name only."""
     entry = get_model_entry(name)
     allowed = entry.defaults()
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise ConfigError(f"{label}: {unknown} not accepted by model {name!r}; "
                           f"allowed: {', '.join(allowed) or 'none'}")
+    for argument, value in kwargs.items():
+        if value is not None:
+            _check_argument(f"{label}.{argument}", argument, value, allowed[argument])
     return entry
+
+
+def _check_argument(label: str, argument: str, value: Any, default: Any) -> None:
+    if isinstance(default, int) and not isinstance(default, bool):
+        integer(label, value)
+    elif isinstance(default, float):
+        number(label, value)
+    if argument in ARGUMENT_RANGES:
+        low, high = ARGUMENT_RANGES[argument]
+        exclusive = argument in EXCLUSIVE_HIGH
+        if not low <= value <= high or (exclusive and value == high):
+            interval = f"[{low}, {high}{')' if exclusive else ']'}"
+            raise ConfigError(f"{label}: {value!r} is out of range; it must be in {interval}")
+
+
+def check_fits(model: str, image_shape: tuple[int, ...] | None, dataset: str, label: str = "model") -> None:
+    """A model built for one image shape refuses a dataset of another (None: not known before loading),
+    naming the models that fit."""
+    entry = get_model_entry(model)
+    if image_shape is not None and entry.input_shape != tuple(image_shape):
+        fitting = [name for name in list_models() if get_model_entry(name).input_shape == tuple(image_shape)]
+        raise ConfigError(f"{label}: {model!r} takes images of shape {entry.input_shape} (C, H, W) but dataset "
+                          f"{dataset!r} has {tuple(image_shape)}; models for it: {', '.join(fitting) or 'none'}")
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:

@@ -23,8 +23,13 @@ def read_toml(path: str | Path, kind: str) -> tuple[dict[str, Any], str]:
     """The parsed document and its text; ``kind`` names the file in errors ("study spec", "benchmark file")."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{kind} {path} not found")
-    text = path.read_text()
+        raise ConfigError(f"{kind} {path} not found" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the {kind} as UTF-8") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {kind}: {exc.strerror}") from exc
     try:
         return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as exc:

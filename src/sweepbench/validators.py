@@ -54,15 +54,16 @@ def integer(label: str, value: Any) -> int:
 
 
 def number(label: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{label}: expected a number, got {value!r}")
+    """A finite int or float (not a bool, NaN or infinity)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{label}: expected a finite number, got {value!r}")
     return float(value)
 
 
 def at_least(label: str, value: Any, low: float, inclusive: bool = True) -> Any:
     """A number >= ``low`` (> ``low`` when not ``inclusive``)."""
     number(label, value)
-    if value < low or (not inclusive and value == low) or math.isnan(value):
+    if value < low or (not inclusive and value == low):
         bound = f">= {low}" if inclusive else f"> {low}"
         raise ConfigError(f"{label}: {value!r} is out of range; it must be {bound}")
     return value

@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 from ..config import (BENCH_GRID, BENCH_UNSUPPORTED, LOADERS, ConfigError, RunConfig, apply_overrides, bench_fields,
                       error_within)
 from ..data import get_dataset_entry
-from ..models import check_model_kwargs
+from ..models import check_fits, check_model_kwargs
 from .. import tomlcheck
 
 PRECISIONS = ("cpu/fp32", "cpu/bf16", "cuda/fp32", "cuda/tf32", "cuda/fp16", "cuda/bf16")
@@ -105,8 +105,8 @@ def _run_config(label: str, values: dict[str, Any]) -> RunConfig:
         config = RunConfig.from_dict(values)
     except ConfigError as exc:
         raise error_within(label, exc) from exc
-    get_dataset_entry(config.dataset)
     check_model_kwargs(config.model, config.model_kwargs, f"{label}.model_kwargs")
+    check_fits(config.model, get_dataset_entry(config.dataset).image_shape, config.dataset, f"{label}.model")
     return config
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from ..config import (KWARGS_FIELDS, ConfigError, RunConfig, apply_overrides, error_within, field_names,
                       searchable_fields)
 from ..data import get_dataset_entry
-from ..models import check_model_kwargs, get_model_entry
+from ..models import check_fits, check_model_kwargs, get_model_entry
 from .. import tomlcheck
 
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "grid")
@@ -34,12 +34,14 @@ PRUNER_KEYS = {"median": ("name", "n_startup_trials", "n_warmup_steps"),
                "hyperband": ("name", "min_resource", "reduction_factor"),
                "none": ("name",)}
 PRUNER_MINIMUMS = {"min_resource": 1, "reduction_factor": 2}
-BUDGET_KEYS = ("n_trials", "timeout", "max_failed_trials")
+BUDGET_KEYS = ("n_trials", "timeout", "max_failed_trials", "max_grid_points")
 OBJECTIVE_KEYS = ("metric", "direction")
 PARAM_KEYS = {"int": ("type", "low", "high", "step", "log"),
               "float": ("type", "low", "high", "step", "log"),
               "categorical": ("type", "choices")}
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+MAX_SEED = 2**32 - 1  # numpy's and Optuna's samplers take seeds in [0, 2**32 - 1]
+MAX_GRID_POINTS = 100_000
 
 
 @dataclass(frozen=True)
@@ -60,13 +62,17 @@ class ParamSpec:
     log: bool = False
     choices: tuple = ()
 
+    def grid_size(self) -> int:
+        """How many values a grid sampler walks through (an int range without a step: every integer)."""
+        if self.type == "categorical":
+            return len(self.choices)
+        return int(round((self.high - self.low) / (self.step or 1))) + 1
+
     def grid_values(self) -> list:
         """The values a grid sampler walks through; needs choices or a step."""
         if self.type == "categorical":
             return list(self.choices)
-        step = self.step or 1  # an int range without a step walks every integer
-        count = int(round((self.high - self.low) / step)) + 1
-        values = [self.low + index * step for index in range(count)]
+        values = [self.low + index * (self.step or 1) for index in range(self.grid_size())]
         return [int(v) for v in values] if self.type == "int" else values
 
 
@@ -84,6 +90,7 @@ class StudySpec:
     n_trials: int = 20
     timeout: float | None = None
     max_failed_trials: int = 20
+    max_grid_points: int = MAX_GRID_POINTS
     description: str = ""
     source: str = ""
 
@@ -116,7 +123,10 @@ class StudySpec:
         """``n_trials``, capped at the grid's size for the grid sampler (it has nothing more to try)."""
         if self.sampler != "grid":
             return self.n_trials
-        return min(self.n_trials, math.prod(len(param.grid_values()) for param in self.search))
+        return min(self.n_trials, self.grid_points())
+
+    def grid_points(self) -> int:
+        return math.prod(param.grid_size() for param in self.search)
 
 
 def load_spec(path: str | Path) -> StudySpec:
@@ -140,7 +150,8 @@ def _parse(data: dict[str, Any], source: str) -> StudySpec:
                               "and a [search] table")
     name = tomlcheck.string("name", data["name"])
     if not NAME_PATTERN.fullmatch(name):
-        raise ConfigError(f"name: {name!r} names files and databases; use letters, digits, '_', '.', '-'")
+        raise ConfigError(f"name: {name[:40]!r}{'...' if len(name) > 40 else ''} names files and databases; use "
+                          "at most 100 letters, digits, '_', '.', '-'")
     base_config = _base_config(data)
     objectives = _objectives(data.get("objective", {"metric": "val_accuracy"}))
     search = tuple(_param(key, value, base_config) for key, value in tomlcheck.table("search", data["search"]).items())
@@ -162,7 +173,7 @@ def _parse(data: dict[str, Any], source: str) -> StudySpec:
     spec = StudySpec(
         name=name, base_config=base_config, objectives=objectives, search=search,
         sampler=sampler_name,
-        sampler_seed=tomlcheck.optional(sampler.get("seed"), lambda v: tomlcheck.integer("sampler.seed", v)),
+        sampler_seed=tomlcheck.optional(sampler.get("seed"), _seed),
         sampler_startup_trials=tomlcheck.optional(sampler.get("n_startup_trials"),
                                          lambda v: tomlcheck.positive_int("sampler.n_startup_trials", v)),
         pruner=pruner_name,
@@ -171,6 +182,8 @@ def _parse(data: dict[str, Any], source: str) -> StudySpec:
         n_trials=n_trials,
         timeout=tomlcheck.optional(budget.get("timeout"), lambda v: tomlcheck.positive_number("budget.timeout", v)),
         max_failed_trials=tomlcheck.positive_int("budget.max_failed_trials", budget.get("max_failed_trials", n_trials)),
+        max_grid_points=tomlcheck.positive_int("budget.max_grid_points",
+                                               budget.get("max_grid_points", MAX_GRID_POINTS)),
         description=tomlcheck.string("description", data.get("description", ""), allow_empty=True),
         source=source,
     )
@@ -191,6 +204,7 @@ def _base_config(data: dict[str, Any]) -> RunConfig:
     except ConfigError as exc:
         raise error_within("train", exc) from exc
     check_model_kwargs(config.model, config.model_kwargs, "train.model_kwargs")
+    check_fits(config.model, get_dataset_entry(config.dataset).image_shape, config.dataset)
     return config
 
 
@@ -242,6 +256,9 @@ def _numeric_param(label: str, name: str, kind: str, table: dict[str, Any]) -> P
                               lambda v: tomlcheck.positive_number(f"{label}.step", number(f"{label}.step", v)))
     if low > high:
         raise ConfigError(f"{label}: low ({low}) must be <= high ({high})")
+    if step is not None and step > high - low and low != high:
+        raise ConfigError(f"{label}.step: {step} is larger than the range [{low}, {high}], which would leave one "
+                          f"value; it must be <= {high - low}")
     if log and low <= 0:
         raise ConfigError(f"{label}.low: {low} must be > 0 with log = true")
     if log and step is not None and not (kind == "int" and step == 1):
@@ -266,15 +283,27 @@ def _check_search_field(name: str, base_config: RunConfig) -> None:
 
 
 def _check_values(label: str, param: ParamSpec, base_config: RunConfig) -> None:
-    """Runs the endpoints and choices of a top-level field through ``RunConfig`` validation."""
-    if "." in param.name:
-        return
+    """Runs the endpoints and choices of a field through ``RunConfig`` validation, those of a model argument
+    through the model's own checks (a hidden size reaching below 1 is refused here, not trained at 11%)."""
     values = param.choices if param.type == "categorical" else (param.low, param.high)
+    head, _, argument = param.name.partition(".")
     for value in values:
+        if head == "model_kwargs":
+            check_model_kwargs(base_config.model, {argument: value}, f"search.{head}")
+            continue
+        if head == "dataset_kwargs":
+            continue
         try:
             base_config.replace(**{param.name: value})
         except ConfigError as exc:
             raise ConfigError(f"{label}: {exc}") from exc
+
+
+def _seed(value: Any) -> int:
+    seed = tomlcheck.positive_int("sampler.seed", value, minimum=0)
+    if seed > MAX_SEED:
+        raise ConfigError(f"sampler.seed: {seed} is out of range; it must be in [0, {MAX_SEED}]")
+    return seed
 
 
 def _check_combination(spec: StudySpec) -> None:
@@ -292,3 +321,7 @@ def _check_combination(spec: StudySpec) -> None:
         for param in spec.search:
             if param.type == "float" and param.step is None:
                 raise ConfigError(f"search.{param.name}: the grid sampler needs a step (or type categorical)")
+        if spec.grid_points() > spec.max_grid_points:
+            raise ConfigError(f"search: the grid has {spec.grid_points():,} points, more than budget.max_grid_points "
+                              f"= {spec.max_grid_points:,}; add steps, narrow the ranges, use sampler 'tpe' or "
+                              "'random', or raise budget.max_grid_points")
