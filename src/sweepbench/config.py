@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .validators import ConfigError, at_least, choice, integer
+from .validators import ConfigError, at_least, boolean, choice, integer, number, string, table
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -113,26 +113,34 @@ def error_within(label: str, error: ConfigError) -> ConfigError:
     return ConfigError(f"{label}{'.' if field_error else ': '}{message}")
 
 
+TYPE_CHECKS = {"str": string, "int": integer, "float": number, "bool": boolean, "dict[str, Any]": table}
+
+
+def _check_type(name: str, annotation: str, value: Any) -> None:
+    """The field's type from its annotation (``int | None`` allows None); an int passes as a float."""
+    kind, _, optional = annotation.partition(" | ")
+    if not (optional and value is None):
+        TYPE_CHECKS[kind](name, value)
+
+
 def validate(config: RunConfig) -> None:
     """Checks values that need no registry or hardware; names are checked where they are looked up."""
     for f in fields():
+        _check_type(f.name, f.type, getattr(config, f.name))
         if f.metadata["choices"]:
             choice(f.name, getattr(config, f.name), f.metadata["choices"])
     at_least("lr", config.lr, 0, inclusive=False)
     at_least("momentum", config.momentum, 0)
     at_least("weight_decay", config.weight_decay, 0)
     at_least("lr_gamma", config.lr_gamma, 0, inclusive=False)
-    for name in ("batch_size", "eval_batch_size", "epochs"):
-        at_least(name, integer(name, getattr(config, name)), 1)
-    at_least("val_size", integer("val_size", config.val_size), 1)  # models are chosen on it
+    for name in ("batch_size", "eval_batch_size", "epochs", "val_size"):  # models are chosen on val_size
+        at_least(name, getattr(config, name), 1)
     if config.train_subset is not None:
         at_least("train_subset", config.train_subset, 1)
     if config.target_accuracy is not None and not 0 < config.target_accuracy <= 1:
         raise ConfigError(f"target_accuracy: {config.target_accuracy!r} must be in (0, 1]")
     if config.nesterov and (config.optimizer != "sgd" or config.momentum <= 0):
         raise ConfigError("nesterov: needs optimizer 'sgd' with momentum > 0")
-    if not isinstance(config.model_kwargs, dict) or not isinstance(config.dataset_kwargs, dict):
-        raise ConfigError("model_kwargs and dataset_kwargs: expected tables (dicts)")
 
 
 def parse_value(text: str) -> Any:
