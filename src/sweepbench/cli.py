@@ -81,18 +81,28 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def _train(args: argparse.Namespace) -> int:
     from .engine import ProgressBar, train
+    from .engine.checkpoint import load_checkpoint, resume_config
 
-    config = config_from_args(args)
+    config, checkpoint = config_from_args(args), None
+    if config.resume:  # every check of the checkpoint comes before any data loads or MLflow run starts
+        checkpoint = load_checkpoint(config.resume)
+        given = {f.name for f in config_fields() if getattr(args, f.name) not in (None, [])} | \
+            set(parse_overrides(args.set))
+        config, changes = resume_config(config, given, checkpoint)
+        for change in changes:
+            print(f"sweepbench: warning: --resume: {change}", file=sys.stderr)
     if args.no_mlflow:
         result, run_id = train(config, [ProgressBar()]), None
     else:
         from .tracking import MlflowLogger, browse_hint, train_tracked
 
         logger = MlflowLogger(args.experiment, args.tracking_uri)
+        if checkpoint is not None:
+            print(f"sweepbench: note: --resume: {logger.continue_from(checkpoint, config)}", file=sys.stderr)
         result, run_id = train_tracked(config, logger, [ProgressBar()]), logger.run_id
     print(format_summary(result.summary()))
     if run_id:
-        print(f"mlflow run      {run_id} in experiment {args.experiment!r} at {logger.tracking_uri}")
+        print(f"mlflow run      {run_id} in experiment {logger.experiment!r} at {logger.tracking_uri}")
         print(f"browse          {browse_hint(logger.tracking_uri, logger.store.experiment_id_of(run_id))}")
     if args.json:
         print(json.dumps({**result.summary(), "mlflow_run_id": run_id}))
@@ -155,8 +165,11 @@ def _add_ui_parser(commands: argparse._SubParsersAction) -> None:
 
 def _ui(args: argparse.Namespace) -> int:
     from .tracking import Store, experiment_url, is_server, resolve_tracking_uri, serve, ui_command
+    from .tracking.connect import check_listen_address
 
     uri = resolve_tracking_uri(args.tracking_uri)
+    if not is_server(uri):
+        check_listen_address(args.host, args.port)
     base_url = uri if is_server(uri) else f"http://{args.host}:{args.port}"
     for experiment_id, name in sorted(Store(uri).experiment_names().items(), key=lambda item: item[1]):
         print(f"  {name}: {experiment_url(base_url, experiment_id)}")
@@ -193,12 +206,21 @@ def _add_report_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_report)
 
 
-def _report(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _write_output(path: str, text: str) -> None:
+    from .report.export import write_export
 
+    made = write_export(path, text)  # the path was checked when the command started (paths.output_file)
+    print(f"wrote {path}" + (f" (made the folder {made})" if made else ""), file=sys.stderr)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .paths import output_file, writable_folder
     from .report import compare_runs, export_table, format_for_path, load_runs, parse_baseline, write_plots
     from .tracking import resolve_tracking_uri
 
+    output_file("--output", args.output)
+    if args.plot:
+        writable_folder("--plot", args.plot)
     runs = load_runs(resolve_tracking_uri(args.tracking_uri), args.experiment, args.filter, args.status,
                      _split(args.kind))
     comparison = compare_runs(runs, _split(args.group_by), _split(args.metrics), args.spread,
@@ -208,8 +230,7 @@ def _report(args: argparse.Namespace) -> int:
     text = export_table(comparison.table, args.format or (args.output and format_for_path(args.output)) or "md",
                         comparison.notes, f"sweepbench report: {', '.join(args.experiment or ['all experiments'])}")
     if args.output:
-        Path(args.output).write_text(text + "\n")
-        print(f"wrote {args.output}", file=sys.stderr)
+        _write_output(args.output, text)
     else:
         print(text)
     if args.plot:
@@ -280,13 +301,13 @@ def _study_show(args: argparse.Namespace) -> int:
 
 
 def _study_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from .paths import output_file
     from .study import export_trials, open_existing_study
 
+    output_file("--output", args.output)
     text = export_trials(open_existing_study(args.name, args.storage), args.format)
     if args.output:
-        Path(args.output).write_text(text)
+        _write_output(args.output, text)
     else:
         print(text)
     return 0
@@ -309,13 +330,13 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .bench import load_spec, run_benchmark
+    from .paths import output_file
     from .report import EXPORT_FORMATS, export_table
     from .tracking import browse_hint
 
     choice("--format", args.format, EXPORT_FORMATS)
+    output_file("--output", args.output)
     spec = load_spec(args.spec, repeats=args.repeats, devices=args.device, epochs=args.epochs,
                      data_dir=args.data_dir, download=args.download or None, **parse_overrides(args.set))
     print(f"benchmark {spec.name}: {len(spec.cells)} cells x {spec.repeats} repeats", file=sys.stderr, flush=True)
@@ -324,7 +345,7 @@ def _bench(args: argparse.Namespace) -> int:
     text = export_table(report.table, args.format, title=f"benchmark {report.spec.name}")
     print(text)
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        _write_output(args.output, text)
     print(f"mlflow parent run {report.parent_run_id} in experiment {report.experiment!r} at {report.tracking_uri}",
           file=sys.stderr)
     print(f"browse: {browse_hint(report.tracking_uri, report.experiment_id)}", file=sys.stderr)
@@ -350,6 +371,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         with sigterm_interrupts():
+            if hasattr(args, "tracking_uri") and not getattr(args, "no_mlflow", False):
+                from .tracking.connect import check_tracking_uri
+
+                args.tracking_uri = check_tracking_uri(args.tracking_uri, must_exist=args.command == "report")
             return args.handler(args)
     except (ConfigError, DataNotFoundError) as exc:
         print(f"sweepbench: error: {exc}", file=sys.stderr)

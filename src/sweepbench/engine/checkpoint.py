@@ -1,16 +1,24 @@
-"""Checkpoints: what one holds (``checkpoint_state``, read back by ``restore_checkpoint``), written atomically
-and checked for its format on loading."""
+"""Checkpoints: what one holds (``checkpoint_state``, read back by ``restore_checkpoint``), written atomically,
+and the checks that make resuming one honest.
+
+Every way a checkpoint can be wrong for a resume is a ``ConfigError`` in one line,
+``resume: <path>: <what is wrong>; <what is expected>``, raised before any data is loaded: the file
+(``load_checkpoint``: it exists, is a readable torch file, a sweepbench checkpoint with a valid config) and its fit
+to the run (``check_resumable``: the same model, model arguments, data split and optimizer, and epochs left to
+train). ``resume_config`` resolves a resumed run's settings: the checkpoint's, except those the user gave.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Collection, Sequence
 
 import torch
 
-from ..config import ConfigError
+from ..config import KWARGS_FIELDS, ConfigError, RunConfig, field_names
+from ..models import get_model_entry
 from .results import EpochRecord
 
 if TYPE_CHECKING:
@@ -18,6 +26,15 @@ if TYPE_CHECKING:
 
 
 CHECKPOINT_FORMAT = 2  # 2: optimizer state is over the contiguous parameter buffers
+TRACKING_KEY = "tracking"  # what callbacks asked the checkpoint to keep (the MLflow run id), optional
+REQUIRED_KEYS = ("config", "epoch", "model", "optimizer", "scheduler", "scaler", "rng_cpu", "history",
+                 "best_val_accuracy", "best_epoch")
+EXPECTED = "expected a last.pt or best.pt that sweepbench train --checkpoint-dir wrote"
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+# What a resumed run cannot change: the trained weights, the data split and the optimizer state depend on them.
+IDENTITY_FIELDS = ("model", "model_kwargs", "dataset", "dataset_kwargs", "val_size", "optimizer")
+# Where a run reads and writes, not what it is: never taken from a checkpoint (see ``resume_config``).
+LOCATION_FIELDS = ("data_dir", "download", "checkpoint_dir", "resume")
 
 
 def checkpoint_state(run: _Run) -> dict[str, Any]:
@@ -34,22 +51,60 @@ def checkpoint_state(run: _Run) -> dict[str, Any]:
         "best_val_accuracy": run.best_val_accuracy,
         "best_epoch": run.best_epoch,
         "val_accuracy": run.history[-1].val_accuracy,
+        TRACKING_KEY: tracking_records(run.callbacks),
     }
     if run.device.type == "cuda":
         state["rng_cuda"] = torch.cuda.get_rng_state(run.device)
     return state
 
 
+def tracking_records(callbacks: Sequence[Any]) -> dict[str, str]:
+    """What the callbacks ask a checkpoint to keep, from their optional ``checkpoint_record()`` method
+    (``MlflowLogger``: its run id, so that a resumed run can continue that run)."""
+    records: dict[str, str] = {}
+    for callback in callbacks:
+        record = getattr(callback, "checkpoint_record", None)
+        if record is not None:
+            records.update(record())
+    return records
+
+
 def restore_checkpoint(run: _Run, state: dict[str, Any]) -> None:
-    run.module.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng_cpu"])
-    if run.device.type == "cuda" and "rng_cuda" in state:
-        torch.cuda.set_rng_state(state["rng_cuda"], run.device)
-    run.history.extend(EpochRecord(**record) for record in state["history"])
+    """Loads ``state`` into ``run``, then applies the run's own optimizer settings (see ``_apply_settings``)."""
+    try:
+        run.module.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:  # a checkpoint of a run without fp16 has no scaler state: the scaler starts fresh
+            run.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if run.device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"], run.device)
+        history = [EpochRecord(**record) for record in state["history"]]
+    except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"resume: {run.config.resume}: its saved state does not fit this run "
+                          f"({_first_line(exc)}); {EXPECTED} for this model and optimizer") from exc
+    _apply_settings(run, state["config"], len(history))
+    run.history.extend(history)
     run.best_val_accuracy, run.best_epoch = state["best_val_accuracy"], state["best_epoch"]
+
+
+def _apply_settings(run: _Run, saved: dict[str, Any], epochs_done: int) -> None:
+    """Loading the optimizer and scheduler state also loads the checkpoint's hyperparameters; the run's own
+    config wins, so that what trains is what the config (and MLflow) says. ``lr`` is the schedule's start: a
+    changed ``lr`` or ``lr_gamma`` puts the next epoch at ``lr * lr_gamma ** epochs_done``, as if the run had had
+    them from its first epoch; unchanged ones leave the saved learning rate exactly as it was."""
+    config = run.config
+    for group in run.optimizer.param_groups:
+        for name in ("momentum", "nesterov", "weight_decay"):
+            if name in group:
+                group[name] = getattr(config, name)
+    if (config.lr, config.lr_gamma) == (saved["lr"], saved["lr_gamma"]):
+        return
+    run.scheduler.gamma = config.lr_gamma
+    run.scheduler.base_lrs = [config.lr] * len(run.optimizer.param_groups)
+    for group in run.optimizer.param_groups:
+        group["initial_lr"], group["lr"] = config.lr, config.lr * config.lr_gamma ** epochs_done
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -61,7 +116,129 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"resume: {path} is not a sweepbench checkpoint (format {state.get('format')!r})")
+    """The checkpoint at ``path``, once it is known to be a readable sweepbench checkpoint with a valid config."""
+    state = _read_torch_file(Path(path))
+    if not isinstance(state, dict) or "format" not in state:
+        raise ConfigError(f"resume: {path}: is not a sweepbench checkpoint (a torch file without its 'format' key); "
+                          f"{EXPECTED}")
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise ConfigError(f"resume: {path}: is a sweepbench checkpoint of format {state['format']!r}; this version "
+                          f"reads format {CHECKPOINT_FORMAT} only")
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing:
+        raise ConfigError(f"resume: {path}: is an incomplete sweepbench checkpoint (no {', '.join(missing)}); "
+                          f"{EXPECTED}")
+    epoch, history = state["epoch"], state["history"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not isinstance(history, list) or \
+            len(history) != epoch:
+        raise ConfigError(f"resume: {path}: is inconsistent (epoch {epoch!r} with "
+                          f"{len(history) if isinstance(history, list) else 'no'} epoch records); {EXPECTED}")
+    saved_config(state, path)
+    return state
+
+
+def _read_torch_file(path: Path) -> Any:
+    if not path.exists():
+        raise ConfigError(f"resume: {path}: no such file; {EXPECTED}")
+    if path.is_dir():
+        raise ConfigError(f"resume: {path}: is a directory; expected a checkpoint file in it, e.g. "
+                          f"{path / 'last.pt'}")
+    try:
+        with path.open("rb") as file:
+            head = file.read(len(ZIP_MAGIC))
+            file.seek(0)
+            state = torch.load(file, map_location="cpu", weights_only=True) if head else None
+    except OSError as exc:
+        raise ConfigError(f"resume: {path}: cannot be read ({exc.strerror or exc}); {EXPECTED}") from exc
+    except Exception as exc:  # torch.load's errors for a bad file are of many types, and many lines long
+        if head != ZIP_MAGIC:
+            problem = "is not a torch file"
+        elif "Weights only load failed" in str(exc):
+            problem = "holds Python objects, not only tensors and plain values (a pickled model?)"
+        else:
+            problem = "is a damaged or truncated torch file"
+        raise ConfigError(f"resume: {path}: {problem}; {EXPECTED}") from exc
+    if not head:
+        raise ConfigError(f"resume: {path}: is empty; {EXPECTED}")
+    return state
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def saved_config(state: dict[str, Any], path: str | os.PathLike) -> RunConfig:
+    """The config the checkpoint's run had."""
+    values = state["config"]
+    if not isinstance(values, dict):
+        raise ConfigError(f"resume: {path}: its config is not a table; {EXPECTED}")
+    try:
+        return RunConfig.from_dict(values)
+    except (ConfigError, TypeError) as exc:
+        raise ConfigError(f"resume: {path}: its config is invalid ({_first_line(exc)}); {EXPECTED} by this "
+                          f"version") from exc
+
+
+def check_resumable(state: dict[str, Any], config: RunConfig) -> None:
+    """Refuses a run that differs from the checkpoint in an ``IDENTITY_FIELDS`` setting, or that has no epochs
+    left to train; each difference is named, with both values."""
+    path, saved = config.resume, saved_config(state, config.resume)
+    differences = [f"{name} {theirs!r} (checkpoint) differs from {ours!r} (this run)"
+                   for name, theirs, ours in _identity_differences(saved, config)]
+    if differences:
+        raise ConfigError(f"resume: {path}: {', '.join(differences)}; {', '.join(IDENTITY_FIELDS)} cannot change "
+                          f"on resume: leave them out to use the checkpoint's, or train anew without --resume")
+    done = state["epoch"]
+    if config.epochs <= done:
+        raise ConfigError(f"resume: {path}: the checkpoint has already run {done} epochs, so epochs "
+                          f"{config.epochs} leaves nothing to train; give --epochs above {done}")
+
+
+def _identity_differences(saved: RunConfig, config: RunConfig) -> list[tuple[str, Any, Any]]:
+    """(setting, checkpoint's value, run's value) per identity setting that differs; model arguments are
+    compared with the model's defaults filled in, one by one."""
+    differences = []
+    for name in IDENTITY_FIELDS:
+        theirs, ours = getattr(saved, name), getattr(config, name)
+        if name == "model_kwargs":
+            if saved.model == config.model:  # else the model's difference says it all
+                defaults = get_model_entry(config.model).defaults()
+                theirs, ours = {**defaults, **theirs}, {**defaults, **ours}
+                differences += [(f"{name}.{key}", theirs.get(key), ours.get(key))
+                                for key in sorted({*theirs, *ours}) if theirs.get(key) != ours.get(key)]
+        elif theirs != ours:
+            differences.append((name, theirs, ours))
+    return differences
+
+
+def resume_config(config: RunConfig, given: Collection[str], state: dict[str, Any]) -> tuple[RunConfig, list[str]]:
+    """The settings of a run that resumes ``state``: the checkpoint's, except the ``given`` fields of
+    ``config`` (what the user set; a given kwargs table is merged over the checkpoint's) and the
+    ``LOCATION_FIELDS``, which are ``config``'s, save that ``checkpoint_dir``, when not given, stays the folder
+    the checkpoint was written to. Returns that config, checked by ``check_resumable``, and one line per given
+    setting that differs from the checkpoint's."""
+    path, saved = config.resume, saved_config(state, config.resume)
+    values, notes = saved.to_dict(), []
+    for name in field_names():
+        if name not in given and name not in LOCATION_FIELDS:
+            continue
+        value = getattr(config, name)
+        if name in KWARGS_FIELDS:
+            value = {**values[name], **value}
+        if name not in LOCATION_FIELDS and name not in IDENTITY_FIELDS and value != values[name]:
+            notes.append(f"{name} {value!r} (given) differs from the checkpoint's {values[name]!r}; using {value!r}")
+        values[name] = value
+    if "checkpoint_dir" not in given and saved.checkpoint_dir and \
+            Path(saved.checkpoint_dir).resolve() == Path(path).resolve().parent:
+        values["checkpoint_dir"] = saved.checkpoint_dir
+    resolved = RunConfig.from_dict(values)
+    check_resumable(state, resolved)
+    return resolved, notes
+
+
+def load_resume(config: RunConfig) -> dict[str, Any]:
+    """The checkpoint ``config.resume`` names, checked as a file and against ``config``."""
+    state = load_checkpoint(config.resume)
+    check_resumable(state, config)
     return state

@@ -21,7 +21,7 @@ from ..data import load_dataset
 from ..hardware import autocast, device_name, peak_memory_mb, resolve_device, set_precision_flags, synchronize
 from ..models import check_model_kwargs, create_model
 from .callbacks import Callback, StopTraining, TrainContext
-from .checkpoint import checkpoint_state, load_checkpoint, restore_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_state, load_resume, restore_checkpoint, save_checkpoint
 from .interrupts import interrupt_message
 from .loaders import DeviceLoader, TorchvisionLoader, normalise
 from .optimizer import build_optimizer, contiguous_parameters, zero_gradients
@@ -57,6 +57,7 @@ class _Run:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         check_model_kwargs(config.model, config.model_kwargs)
+        resumed = load_resume(config) if config.resume else None  # a bad checkpoint fails before the data loads
         self.dataset = load_dataset(config.dataset, config.data_dir, config.download, config.val_size,
                                     **config.dataset_kwargs)
         torch.manual_seed(config.seed)
@@ -76,8 +77,8 @@ class _Run:
         self.history: list[EpochRecord] = []
         self.best_val_accuracy: float | None = None
         self.best_epoch: int | None = None
-        if config.resume:
-            restore_checkpoint(self, load_checkpoint(config.resume))
+        if resumed is not None:
+            restore_checkpoint(self, resumed)
         self.context = TrainContext(config, self.dataset, self.module, self.device, device_name(self.device),
                                     self.history)
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import html
 import json
+import os
+from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
 
+from ..paths import create_parents
 from ..validators import choice
 
 EXPORT_FORMATS = ("md", "csv", "json", "html", "latex")
@@ -78,3 +81,11 @@ def export_table(table: pd.DataFrame, fmt: str, notes: Sequence[str] = (), title
     if fmt == "html":
         return html_page(table, title, notes)
     return table.to_latex(index=False, float_format="%.4g", na_rep="")
+
+
+def write_export(path: str | os.PathLike, text: str) -> Path | None:
+    """Writes ``text`` (a final newline added) to ``path`` (checked beforehand with ``paths.output_file``), making
+    its missing folders; returns the folder it made, if any, so the caller can say so."""
+    made = create_parents(path)
+    Path(path).write_text(text if text.endswith("\n") else text + "\n")
+    return made

@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..config import ConfigError
 from ..tracking import Store
-from .job import STUDIES_DIR, StudyJob, default_storage_url, normalize_storage_url, redact
+from .job import STUDIES_DIR, StudyJob, check_storage_url, redact
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,39 @@ def open_storage(job: StudyJob) -> RDBStorage:
 
 
 def open_existing_study(name: str, storage_url: str | None = None) -> optuna.Study:
-    """Loads a study for reading; the error lists the studies the storage does hold."""
-    url = normalize_storage_url(storage_url or default_storage_url(name))
-    names = optuna.get_all_study_names(url)
-    if name not in names:
-        raise ConfigError(f"study: no study {name!r} in {redact(url)}; studies there: {', '.join(names) or 'none'}")
+    """Loads a study for reading, creating nothing. The error lists the studies the storage holds; for the default
+    storage (one SQLite file per study in ``mlruns/studies/``), the studies in all of its files."""
+    if storage_url:
+        url = check_storage_url(storage_url, must_hold="the study")
+        studies, where = dict.fromkeys(stored_study_names(url), url), redact(storage_url)
+    else:
+        studies, where = default_studies(), f"{STUDIES_DIR}/ (the default storage: one SQLite file per study)"
+    if name not in studies:
+        hint = "" if storage_url else "; give --storage for a study stored elsewhere"
+        raise ConfigError(f"study: no study {name!r} in {where}; studies there: {', '.join(studies) or 'none'}{hint}")
     with _quiet():
-        return optuna.load_study(study_name=name, storage=url)
+        return optuna.load_study(study_name=name, storage=studies[name])
+
+
+def default_studies() -> dict[str, str]:
+    """Study name -> storage URL, for every study in the SQLite files of ``mlruns/studies/``, by name."""
+    urls = [f"sqlite:///{path.resolve()}" for path in sorted((Path.cwd() / STUDIES_DIR).glob("*.db"))]
+    return dict(sorted({name: url for url in reversed(urls) for name in stored_study_names(url)}.items()))
+
+
+def stored_study_names(url: str) -> list[str]:
+    """The studies a storage holds, read without creating anything (no tables in an empty database); a file that
+    is not an Optuna storage holds none. ``url`` must name an existing file or a database that opens."""
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            if not sqlalchemy.inspect(connection).has_table("studies"):
+                return []
+            return sorted(connection.execute(sqlalchemy.text("SELECT study_name FROM studies")).scalars())
+    except sqlalchemy.exc.DatabaseError:
+        return []
+    finally:
+        engine.dispose()
 
 
 ADVISORY_LOCK_KEY = int.from_bytes(hashlib.sha256(b"sweepbench.study").digest()[:8], "big", signed=True)

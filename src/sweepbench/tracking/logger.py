@@ -8,19 +8,26 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 
 from ..config import RunConfig
 from ..engine import Callback, EpochRecord, RunResult, TrainContext, normalise, train
+from ..engine.checkpoint import LOCATION_FIELDS, TRACKING_KEY
 from ..hardware import environment_record
-from .schema import config_params, training_tags
+from .schema import KIND_TAG, config_params, training_tags
 from .store import TRACKING_URI_ENV, Store, as_metrics
 
 MODEL_NAME = "model"
 INPUT_EXAMPLE_SIZE = 4
+RUN_ID_RECORD = "mlflow_run_id"  # the key of the run id in a checkpoint's tracking records
+RESUMED_FROM_TAG = "sweepbench.resumed_from"  # the checkpoint a resumed run continued from
+RESUMED_AT_TAG = "sweepbench.resumed_at_epoch"
+RESUMED_FROM_RUN_TAG = "sweepbench.resumed_from_run"  # a new run's link to the run that wrote its checkpoint
+STALE_TAGS = ("error", "stop_reason")  # an interrupted run's; a continued run sets its own at its end
 
 RUN_STATUS = {
     "completed": "FINISHED",
@@ -56,7 +63,8 @@ def per_class_csv(per_class_accuracy: dict[str, float]) -> str:
 class MlflowLogger(Callback):
     """Logs one training run of ``kind`` (``train``, ``trial`` or ``repeat``): params and tags at the start,
     one batch of metrics per epoch, then final metrics and artifacts, and always a terminal status (FINISHED,
-    FAILED or KILLED), never RUNNING."""
+    FAILED or KILLED), never RUNNING. A run that resumes a checkpoint continues the checkpoint's run where
+    ``continue_from`` finds that honest."""
 
     def __init__(self, experiment: str, tracking_uri: str | None = None, run_name: str | None = None,
                  parent_run_id: str | None = None, tags: dict[str, str] | None = None,
@@ -67,6 +75,9 @@ class MlflowLogger(Callback):
         self.tags = dict(tags or {})
         self.log_model, self.log_artifacts = log_model, log_artifacts
         self.run_id: str | None = None
+        self.continued_run_id: str | None = None  # set by ``continue_from``
+        self.resumed_from_run: str | None = None
+        self.logged_epochs = 0  # epochs the run already has metrics for
         self.start_logging_seconds = self.epoch_logging_seconds = self.end_logging_seconds = 0.0
 
     @property
@@ -83,13 +94,75 @@ class MlflowLogger(Callback):
         default = f"{config.model}-{config.dataset}-{context.device.type}-{config.precision}-seed{config.seed}"
         return self.run_name or default
 
+    def checkpoint_record(self) -> dict[str, str]:
+        """What checkpoints keep of this logger (see ``engine.checkpoint.tracking_records``): the run's id."""
+        return {RUN_ID_RECORD: self.run_id} if self.run_id else {}
+
+    def continue_from(self, checkpoint: dict[str, Any], config: RunConfig) -> str:
+        """Makes a run that resumes ``checkpoint`` with ``config`` log into the run that wrote the checkpoint
+        where that is honest, else into a new run linked to it by a tag; returns one line saying which and why.
+
+        MLflow params cannot change once logged, so the run is continued only if it logged the same params (where
+        the data and checkpoints live aside), is of this logger's kind, and has logged no epoch past the
+        checkpoint's (resuming best.pt of a run that went on would log those epochs twice)."""
+        run_id = checkpoint.get(TRACKING_KEY, {}).get(RUN_ID_RECORD)
+        if run_id is None:
+            return "the checkpoint names no MLflow run (it was written without MLflow, or before sweepbench kept " \
+                   "the run id); logging to a new run"
+        reason = self._why_not_continue(run_id, config, checkpoint["epoch"])
+        if reason:
+            self.resumed_from_run = run_id
+            return f"not continuing MLflow run {run_id}: {reason}; logging to a new run tagged {RESUMED_FROM_RUN_TAG}"
+        self.continued_run_id = run_id
+        return f"continuing MLflow run {run_id} after its epoch {checkpoint['epoch']}"
+
+    def _why_not_continue(self, run_id: str, config: RunConfig, epochs_done: int) -> str | None:
+        try:
+            run = self.store.client.get_run(run_id)
+        except MlflowException:
+            return f"it is not in the store at {self.tracking_uri}"
+        if run.info.lifecycle_stage == "deleted":
+            return "it was deleted"
+        if run.data.tags.get(KIND_TAG) != self.kind:
+            return f"it is a {run.data.tags.get(KIND_TAG)!r} run, not a {self.kind!r} run"
+        ours = {key: value for key, value in config_params(config).items() if key not in LOCATION_FIELDS}
+        theirs = {key: value for key, value in run.data.params.items() if key not in LOCATION_FIELDS}
+        changed = sorted(key for key in {*ours, *theirs} if ours.get(key) != theirs.get(key))
+        if changed:
+            return f"{', '.join(changed)} differ from the params it logged, which MLflow cannot change"
+        history = self.store.client.get_metric_history(run_id, "val_accuracy")
+        logged_epochs = max((metric.step for metric in history), default=0)
+        if logged_epochs > epochs_done:
+            return f"it has logged {logged_epochs} epochs, more than the checkpoint's {epochs_done}"
+        self.logged_epochs = logged_epochs
+        self.experiment = self.store.client.get_experiment(run.info.experiment_id).name
+        return None
+
     def on_train_start(self, context: TrainContext) -> None:
         started = time.perf_counter()
-        experiment_id = self.store.experiment(self.experiment)
-        self.run_id = self.store.start_run(experiment_id, self._run_name(context), self.kind,
-                                           {**training_tags(context), **self.tags}, config_params(context.config),
-                                           self.parent_run_id)
+        tags = {**training_tags(context), **self.tags, **self._resume_tags(context)}
+        if self.continued_run_id:
+            self.run_id = self.continued_run_id
+            self.store.reopen(self.run_id)
+            stale = set(STALE_TAGS) & set(self.store.client.get_run(self.run_id).data.tags)
+            for key in sorted(stale):
+                self.store.client.delete_tag(self.run_id, key)
+            self.store.log(self.run_id, tags=tags)
+        else:
+            experiment_id = self.store.experiment(self.experiment)
+            self.run_id = self.store.start_run(experiment_id, self._run_name(context), self.kind, tags,
+                                               config_params(context.config), self.parent_run_id)
+        for record in context.history[self.logged_epochs:]:  # a resumed run's earlier epochs it has no metrics for
+            self.store.log(self.run_id, metrics=epoch_metrics(record))
         self.start_logging_seconds = time.perf_counter() - started
+
+    def _resume_tags(self, context: TrainContext) -> dict[str, str]:
+        if not context.config.resume:
+            return {}
+        tags = {RESUMED_FROM_TAG: context.config.resume, RESUMED_AT_TAG: str(len(context.history))}
+        if self.resumed_from_run:
+            tags[RESUMED_FROM_RUN_TAG] = self.resumed_from_run
+        return tags
 
     def on_epoch_end(self, context: TrainContext, record: EpochRecord) -> None:
         started = time.perf_counter()

@@ -36,10 +36,15 @@ DESCRIPTION_TAG = "mlflow.note.content"
 BATCH_SIZE = 100
 
 
+def default_store_path() -> Path:
+    """The embedded store's SQLite file, ``<cwd>/mlruns/mlflow.db`` (not created here)."""
+    return Path.cwd().resolve() / STORE_DIR / STORE_DB
+
+
 def default_tracking_uri() -> str:
-    store = Path.cwd().resolve() / STORE_DIR
-    store.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{store / STORE_DB}"
+    store = default_store_path()
+    store.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store}"
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -56,9 +61,9 @@ def is_server(tracking_uri: str) -> bool:
 
 def sqlite_path(tracking_uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI, else None."""
-    if _scheme(tracking_uri) != "sqlite":
+    if _scheme(tracking_uri) != "sqlite" or ":///" not in tracking_uri:
         return None
-    return Path(tracking_uri.split(":///", 1)[1]).resolve()
+    return Path(tracking_uri.split(":///", 1)[1].split("?", 1)[0]).resolve()
 
 
 def artifact_root(tracking_uri: str) -> str | None:
