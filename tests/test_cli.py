@@ -36,7 +36,7 @@ BAD_INPUTS = [
     (["--lr", "-0.1"], "lr: -0.1 is out of range"),
     (["--precision", "fp8"], "choose one of: fp32, tf32, bf16, fp16"),
     (["--model-arg", "width=3"], "allowed: hidden_size, dropout, num_classes"),
-    (["--dataset", "cifar10"], "dataset 'cifar10' not found"),
+    (["--dataset", "cifar10", "--model", "cifar_cnn"], "dataset 'cifar10' not found"),
 ]
 
 

@@ -67,7 +67,9 @@ def test_default_store_is_sqlite_inside_mlruns_and_the_env_overrides_it(tmp_path
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert default_tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlruns/mlflow.db"
-    assert (tmp_path / "mlruns").is_dir() and resolve_tracking_uri() == default_tracking_uri()
+    assert resolve_tracking_uri() == default_tracking_uri() and not (tmp_path / "mlruns").exists()
+    ensure_experiment("first", resolve_tracking_uri())
+    assert (tmp_path / "mlruns" / "mlflow.db").is_file(), "the store is made when it is first written to"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
     assert resolve_tracking_uri() == "http://127.0.0.1:1"
     assert resolve_tracking_uri("sqlite:////elsewhere/mlflow.db") == "sqlite:////elsewhere/mlflow.db"

@@ -143,6 +143,29 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("nesterov: needs optimizer 'sgd' with momentum > 0")
 
 
+class SettingWarning(UserWarning):
+    """A legal setting that is almost surely a mistake: said in one line when a run starts."""
+
+
+MOMENTUM_OPTIMIZERS = ("sgd", "rmsprop")
+
+
+def advice(config: RunConfig, device_type: str, train_size: int) -> list[str]:
+    """What a run's settings, legal as they are, probably get wrong on ``device_type`` with ``train_size``
+    training images."""
+    notes = []
+    if config.precision == "fp16" and device_type == "cpu":
+        notes.append("precision: fp16 autocast on a CPU is emulated and runs many times slower than fp32 "
+                     "(50x for the MNIST MLP); use bf16 or fp32 on CPU")
+    if config.momentum and config.optimizer not in MOMENTUM_OPTIMIZERS:
+        notes.append(f"momentum: {config.momentum} is ignored by optimizer {config.optimizer!r}; it applies to "
+                     f"{', '.join(MOMENTUM_OPTIMIZERS)}")
+    if config.batch_size > train_size:
+        notes.append(f"batch_size: {config.batch_size} is larger than the {train_size} training images, so each "
+                     "epoch is one smaller step")
+    return notes
+
+
 def parse_value(text: str) -> Any:
     """A command-line value as TOML reads it (``64`` -> 64, ``1e-3`` -> 0.001, ``true`` -> True), else as text
     (``bf16``, ``/data``)."""

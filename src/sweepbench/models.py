@@ -93,6 +93,14 @@ def check_fits(model: str, image_shape: tuple[int, ...] | None, dataset: str, la
                           f"{dataset!r} has {tuple(image_shape)}; models for it: {', '.join(fitting) or 'none'}")
 
 
+def check_config(config: Any) -> None:
+    """A run config's model, its arguments and its fit with the dataset, before any data loads."""
+    from .data import get_dataset_entry
+
+    check_model_kwargs(config.model, config.model_kwargs)
+    check_fits(config.model, get_dataset_entry(config.dataset).image_shape, config.dataset)
+
+
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     return check_model_kwargs(name, kwargs).factory(**kwargs)
 

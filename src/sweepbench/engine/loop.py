@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -16,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import RunConfig
+from ..config import RunConfig, SettingWarning, advice
 from ..data import load_dataset
 from ..hardware import autocast, device_name, peak_memory_mb, resolve_device, set_precision_flags, synchronize
-from ..models import check_model_kwargs, create_model
+from ..models import check_config, check_fits, create_model
 from .callbacks import Callback, StopTraining, TrainContext
 from .checkpoint import checkpoint_state, load_resume, restore_checkpoint, save_checkpoint
 from .interrupts import interrupt_message
@@ -56,10 +57,11 @@ class _Run:
         set_precision_flags(self.device, config.precision)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        check_model_kwargs(config.model, config.model_kwargs)
+        check_config(config)
         resumed = load_resume(config) if config.resume else None  # a bad checkpoint fails before the data loads
         self.dataset = load_dataset(config.dataset, config.data_dir, config.download, config.val_size,
                                     **config.dataset_kwargs)
+        check_fits(config.model, self.dataset.image_shape, config.dataset)  # shapes set by dataset_kwargs
         torch.manual_seed(config.seed)
         self.module = create_model(config.model, **config.model_kwargs).to(self.device)
         self.model = torch.compile(self.module) if config.compile else self.module
@@ -70,6 +72,8 @@ class _Run:
         x_train, y_train = self.dataset.x_train, self.dataset.y_train
         if config.train_subset:
             x_train, y_train = x_train[:config.train_subset], y_train[:config.train_subset]
+        for note in advice(config, self.device.type, len(x_train)):
+            warnings.warn(note, SettingWarning, stacklevel=2)
         loader_class = DeviceLoader if config.loader == "device" else TorchvisionLoader
         self.loader = loader_class(x_train, y_train, self.dataset, config, self.device)
         self.x_val = normalise(self.dataset.x_val.to(self.device), self.dataset.mean, self.dataset.std)

@@ -10,6 +10,7 @@ writers, processes and nested child runs can share one store. Every run it creat
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -42,9 +43,7 @@ def default_store_path() -> Path:
 
 
 def default_tracking_uri() -> str:
-    store = default_store_path()
-    store.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{store}"
+    return f"sqlite:///{default_store_path()}"
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -106,7 +105,14 @@ class Store:
 
     def __init__(self, tracking_uri: str | None = None) -> None:
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
-        self.client = MlflowClient(self.tracking_uri)
+
+    @functools.cached_property
+    def client(self) -> MlflowClient:
+        """Made on first use, with a SQLite file's folder: a store no run is written to is never created."""
+        database = sqlite_path(self.tracking_uri)
+        if database is not None:
+            database.parent.mkdir(parents=True, exist_ok=True)
+        return MlflowClient(self.tracking_uri)
 
     # ---- experiments ----------------------------------------------------------------------------------------
 

@@ -1,0 +1,7 @@
+"""``python -m sweepbench.cli``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

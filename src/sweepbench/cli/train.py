@@ -1,0 +1,95 @@
+"""``sweepbench train`` (one run with the one engine), ``models`` and ``datasets``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..config import parse_overrides
+from ..config import fields as config_fields
+from .options import add_config_flags, add_data_args, add_tracking_args, config_from_args
+
+
+def add_train_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("train", help="train one model with the one engine")
+    add_config_flags(parser)
+    parser.add_argument("--json", action="store_true", help="end stdout with one JSON line")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")
+    add_data_args(parser)
+    add_tracking_args(parser, default_experiment="train")
+    parser.set_defaults(handler=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ..engine import ProgressBar, train
+    from ..engine.checkpoint import load_checkpoint, resume_config
+
+    config, checkpoint = config_from_args(args), None
+    if config.resume:  # every check of the checkpoint comes before any data loads or MLflow run starts
+        checkpoint = load_checkpoint(config.resume)
+        given = {f.name for f in config_fields() if getattr(args, f.name) not in (None, [])} | \
+            set(parse_overrides(args.set))
+        config, changes = resume_config(config, given, checkpoint)
+        for change in changes:
+            print(f"sweepbench: warning: --resume: {change}", file=sys.stderr)
+    if args.no_mlflow:
+        result, run_id = train(config, [ProgressBar()]), None
+    else:
+        from ..tracking import MlflowLogger, browse_hint, train_tracked
+
+        logger = MlflowLogger(args.experiment, args.tracking_uri)
+        if checkpoint is not None:
+            print(f"sweepbench: note: --resume: {logger.continue_from(checkpoint, config)}", file=sys.stderr)
+        result, run_id = train_tracked(config, logger, [ProgressBar()]), logger.run_id
+    print(format_summary(result.summary()))
+    if run_id:
+        print(f"mlflow run      {run_id} in experiment {logger.experiment!r} at {logger.tracking_uri}")
+        print(f"browse          {browse_hint(logger.tracking_uri, logger.store.experiment_id_of(run_id))}")
+    if args.json:
+        print(json.dumps({**result.summary(), "mlflow_run_id": run_id}))
+    return 0 if result.status == "completed" else 1
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def format_summary(summary: dict) -> str:
+    seconds = summary["epoch_seconds"]
+    lines = [
+        f"status          {summary['status']}" + (f" ({summary['message']})" if summary["message"] else ""),
+        f"model/dataset   {summary['model']} on {summary['dataset']}",
+        f"device          {summary['device']} ({summary['device_name']}), {summary['precision']}, "
+        f"loader {summary['loader']}",
+        f"val accuracy    {_percent(summary['val_accuracy'])} (best {_percent(summary['best_val_accuracy'])} "
+        f"at epoch {summary['best_epoch']})",
+        f"test accuracy   {_percent(summary['test_accuracy'])}",
+        f"epoch seconds   {', '.join(f'{s:.2f}' for s in seconds) or '-'}",
+        f"samples/second  {summary['samples_per_second'] or 0:,.0f}",
+        f"peak memory     {summary['peak_memory_mb']:.0f} MiB",
+    ]
+    if summary["time_to_target_seconds"] is not None:
+        lines.append(f"time to target  {summary['time_to_target_seconds']:.2f} s")
+    return "\n".join(lines)
+
+
+def list_models(args: argparse.Namespace) -> int:
+    from ..models import get_model_entry, list_models
+
+    for name in list_models():
+        entry = get_model_entry(name)
+        kwargs = ", ".join(f"{key}={value}" for key, value in entry.defaults().items())
+        print(f"{name:14} input {entry.input_shape}  ({kwargs})  {entry.description}")
+    return 0
+
+
+def list_datasets(args: argparse.Namespace) -> int:
+    from ..data import get_dataset_entry, list_datasets
+
+    for name in list_datasets():
+        entry = get_dataset_entry(name)
+        print(f"{name:14} {len(entry.classes)} classes  {'real' if entry.real else 'generated'}")
+    return 0
+
+
