@@ -100,3 +100,17 @@ def assert_refused(args: Sequence[str], message: str, cwd: Path, env: dict | Non
     assert re.search(message, lines[0]), f"{lines[0]!r} does not match {message!r}"
     assert folder_snapshot(cwd) == before, f"created: {sorted(map(str, folder_snapshot(cwd) - before))}"
     return completed
+
+
+@pytest.fixture
+def postgres_admin():
+    """An autocommit connection to the PostgreSQL server at 127.0.0.1:5432 as ``postgres``; the test skips, with
+    the reason, where none answers."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    try:
+        admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=5)
+    except psycopg2.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL server answers on 127.0.0.1:5432 ({exc})")
+    admin.autocommit = True
+    yield admin
+    admin.close()

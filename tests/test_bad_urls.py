@@ -149,18 +149,6 @@ def test_each_bad_url_or_path_is_one_line_and_creates_nothing(name, endpoints, t
                    timeout=timeout[0] if timeout else 60)
 
 
-@pytest.fixture
-def postgres_admin():
-    psycopg2 = pytest.importorskip("psycopg2")
-    try:
-        admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=5)
-    except psycopg2.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL server answers on 127.0.0.1:5432 ({exc})")
-    admin.autocommit = True
-    yield admin
-    admin.close()
-
-
 @pytest.mark.postgres
 def test_a_database_that_does_not_exist_is_one_line_with_the_password_hidden(postgres_admin, tmp_path):
     url = "postgresql://postgres:secret@127.0.0.1/no_such_db"

@@ -356,14 +356,9 @@ def test_two_local_workers_share_one_storage_and_stop_at_exactly_n(tmp_path: Pat
 
 
 @pytest.fixture
-def postgres_url() -> Iterator[str]:
+def postgres_url(postgres_admin) -> Iterator[str]:
     """A fresh database on the PostgreSQL server at 127.0.0.1:5432, dropped afterwards."""
-    psycopg2 = pytest.importorskip("psycopg2")
-    try:
-        admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=5)
-    except psycopg2.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL server answers on 127.0.0.1:5432 ({exc})")
-    admin.autocommit = True
+    admin = postgres_admin
     name = f"sweepbench_test_{uuid.uuid4().hex[:12]}"
     with admin.cursor() as cursor:
         cursor.execute(f"CREATE DATABASE {name}")
@@ -372,7 +367,6 @@ def postgres_url() -> Iterator[str]:
     finally:
         with admin.cursor() as cursor:
             cursor.execute(f"DROP DATABASE {name} WITH (FORCE)")
-        admin.close()
 
 
 @pytest.fixture
