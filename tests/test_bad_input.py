@@ -73,6 +73,8 @@ TRAIN_CASES = {  # name: (train arguments, what the one line says)
     "nesterov with adam": (["--optimizer", "adam", "--nesterov"], r"nesterov: needs optimizer 'sgd'"),
     "unknown --set key": (["--set", "colour=red"], r"--set colour: 'colour' is not allowed; choose one of: model,"),
     "batch size text": (["--set", "batch_size=big"], r"batch_size: expected an integer, got 'big'"),
+    "checkpoint dir in /proc": (["--checkpoint-dir", "/proc/x"], r"--checkpoint-dir: cannot write in /proc/x: "
+                                                                 r"nothing can be created in /proc"),
 }
 DATA_CASES = {  # name: (how to spoil the file, what the one line says)
     "truncated npz": (lambda folder: (folder.mkdir(parents=True), (folder / "mnist.npz").write_bytes(

@@ -8,6 +8,7 @@ import sys
 
 from ..config import parse_overrides
 from ..config import fields as config_fields
+from ..paths import writable_folder
 from .options import add_config_flags, add_data_args, add_tracking_args, config_from_args
 
 
@@ -26,6 +27,8 @@ def _train(args: argparse.Namespace) -> int:
     from ..engine.checkpoint import load_checkpoint, resume_config
 
     config, checkpoint = config_from_args(args), None
+    if config.checkpoint_dir:
+        writable_folder("--checkpoint-dir", config.checkpoint_dir)
     if config.resume:  # every check of the checkpoint comes before any data loads or MLflow run starts
         checkpoint = load_checkpoint(config.resume)
         given = {f.name for f in config_fields() if getattr(args, f.name) not in (None, [])} | \
