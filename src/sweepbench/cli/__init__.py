@@ -19,7 +19,7 @@ from ..data import DataNotFoundError
 from ..engine import Terminated, interrupt_message, sigterm_interrupts
 from .options import config_from_args
 from .runs import add_bench_parser, add_report_parser, add_study_parser, add_ui_parser
-from .train import add_train_parser, format_summary, list_datasets, list_models
+from .train import add_train_parser, format_summary, show_datasets, show_models
 
 __all__ = ["build_parser", "config_from_args", "format_summary", "main"]
 PYTHON_SHOW_WARNING = warnings.showwarning
@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sweepbench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     add_train_parser(commands)
-    commands.add_parser("models", help="list registered models").set_defaults(handler=list_models)
-    commands.add_parser("datasets", help="list registered datasets").set_defaults(handler=list_datasets)
+    commands.add_parser("models", help="list registered models").set_defaults(handler=show_models)
+    commands.add_parser("datasets", help="list registered datasets").set_defaults(handler=show_datasets)
     add_ui_parser(commands)
     add_report_parser(commands)
     add_study_parser(commands)

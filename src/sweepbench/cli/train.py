@@ -77,7 +77,7 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def list_models(args: argparse.Namespace) -> int:
+def show_models(args: argparse.Namespace) -> int:
     from ..models import get_model_entry, list_models
 
     for name in list_models():
@@ -87,7 +87,7 @@ def list_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def list_datasets(args: argparse.Namespace) -> int:
+def show_datasets(args: argparse.Namespace) -> int:
     from ..data import get_dataset_entry, list_datasets
 
     for name in list_datasets():

@@ -19,7 +19,7 @@ import urllib.request
 
 from ..paths import folder_problem
 from ..validators import ConfigError
-from .store import TRACKING_URI_ENV, _scheme, default_store_path, is_server, sqlite_path
+from .store import TRACKING_URI_ENV, default_store_path, is_server, sqlite_path, uri_scheme
 
 PROBE_SECONDS = 5
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
@@ -58,7 +58,7 @@ def check_tracking_uri(uri: str | None = None, must_exist: bool = False) -> str:
 
 
 def _tracking_problem(uri: str, must_exist: bool) -> str | None:
-    scheme = _scheme(uri)
+    scheme = uri_scheme(uri)
     if "://" not in uri or scheme not in TRACKING_SCHEMES:
         return f"is not a tracking URI sweepbench can use; use {TRACKING_ALLOWED}"
     if is_server(uri):

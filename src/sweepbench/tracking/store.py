@@ -50,17 +50,17 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri or os.environ.get(TRACKING_URI_ENV) or default_tracking_uri()
 
 
-def _scheme(tracking_uri: str) -> str:
+def uri_scheme(tracking_uri: str) -> str:
     return tracking_uri.split(":", 1)[0].split("+", 1)[0].lower()
 
 
 def is_server(tracking_uri: str) -> bool:
-    return _scheme(tracking_uri) in ("http", "https")
+    return uri_scheme(tracking_uri) in ("http", "https")
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI, else None."""
-    if _scheme(tracking_uri) != "sqlite" or ":///" not in tracking_uri:
+    if uri_scheme(tracking_uri) != "sqlite" or ":///" not in tracking_uri:
         return None
     return Path(tracking_uri.split(":///", 1)[1].split("?", 1)[0]).resolve()
 
@@ -71,7 +71,7 @@ def artifact_root(tracking_uri: str) -> str | None:
     database = sqlite_path(tracking_uri)
     if database is not None:
         return (database.parent / ARTIFACTS_DIR).as_uri()
-    if _scheme(tracking_uri) in LOCAL_DATABASE_SCHEMES:
+    if uri_scheme(tracking_uri) in LOCAL_DATABASE_SCHEMES:
         return (Path.cwd().resolve() / STORE_DIR / ARTIFACTS_DIR).as_uri()
     return None
 
