@@ -6,7 +6,9 @@
 - ``loaders``: training batches (``DeviceLoader``, ``TorchvisionLoader``) and on-device preprocessing;
 - ``optimizer``: the optimizer over contiguous parameter buffers;
 - ``checkpoint``: what a checkpoint holds, saving and loading it;
-- ``interrupts``: SIGTERM as an interruption (``Terminated``, ``sigterm_interrupts``).
+- ``interrupts``: SIGTERM as an interruption (``Terminated``, ``sigterm_interrupts``);
+- ``fused``: K runs of one architecture trained as one stacked model (``train_fused``, ``pack_key``,
+  ``pack_groups``).
 
 Device, precision and environment facts live in ``sweepbench.hardware``; the ones the engine has always
 offered are re-exported here.
@@ -15,6 +17,7 @@ offered are re-exported here.
 from ..hardware import autocast, device_name, peak_memory_mb, resolve_device
 from .callbacks import Callback, ProgressBar, StopTraining, TrainContext
 from .checkpoint import CHECKPOINT_FORMAT, checkpoint_state, load_checkpoint, restore_checkpoint, save_checkpoint
+from .fused import pack_groups, pack_key, train_fused
 from .interrupts import Terminated, interrupt_message, sigterm_interrupts
 from .loaders import AUGMENT_PAD, DeviceLoader, TorchvisionLoader, normalise, random_crop_flip
 from .loop import evaluate, train
@@ -24,6 +27,6 @@ from .results import EpochRecord, RunResult
 __all__ = ["AUGMENT_PAD", "CHECKPOINT_FORMAT", "FUSED_OPTIMIZERS", "Callback", "DeviceLoader", "EpochRecord",
            "ProgressBar", "RunResult", "StopTraining", "Terminated", "TorchvisionLoader", "TrainContext", "autocast",
            "build_optimizer", "checkpoint_state", "contiguous_parameters", "device_name", "evaluate",
-           "interrupt_message", "load_checkpoint", "normalise", "peak_memory_mb", "random_crop_flip",
-           "resolve_device", "restore_checkpoint", "save_checkpoint", "sigterm_interrupts", "train",
-           "zero_gradients"]
+           "interrupt_message", "load_checkpoint", "normalise", "pack_groups", "pack_key", "peak_memory_mb",
+           "random_crop_flip", "resolve_device", "restore_checkpoint", "save_checkpoint", "sigterm_interrupts",
+           "train", "train_fused", "zero_gradients"]

@@ -32,6 +32,7 @@ class TrainContext:
     device: torch.device
     device_name: str
     history: list[EpochRecord]
+    pack: dict[str, str] | None = None  # tags of the fused pack the run trains in (engine.fused); None alone
 
 
 class Callback:

@@ -1,0 +1,89 @@
+"""Which runs can train together in one pack, and the tags that describe a member's pack."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Sequence
+
+from ...config import ConfigError, RunConfig
+from ...models import get_model_entry
+
+# What changes shapes or the step schedule: every member of a pack has the same.
+SHARED_FIELDS = ("model", "model_kwargs", "dataset", "dataset_kwargs", "data_dir", "val_size", "train_subset",
+                 "batch_size", "eval_batch_size", "epochs", "device", "precision", "compile", "loader", "augment")
+# What each member has of its own.
+MEMBER_FIELDS = ("lr", "lr_gamma", "momentum", "nesterov", "weight_decay", "optimizer", "seed", "target_accuracy",
+                 "checkpoint_dir")
+# Neither: ``download`` (any member's allows it), ``resume`` (refused).
+OTHER_FIELDS = ("download", "resume")
+PACK_TAG_PREFIX = "sweepbench."
+
+
+def _shared_value(config: RunConfig, name: str) -> Any:
+    value = getattr(config, name)
+    if name == "model_kwargs":  # {} and the defaults spelled out are one model
+        value = {**get_model_entry(config.model).defaults(), **value}
+    return value
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return tuple(sorted((key, _hashable(item)) for key, item in value.items()))
+    if isinstance(value, list):
+        return tuple(_hashable(item) for item in value)
+    return value
+
+
+def pack_key(config: RunConfig) -> tuple:
+    """What a run must share with the other members of its pack: equal keys can train fused."""
+    return tuple((name, _hashable(_shared_value(config, name))) for name in SHARED_FIELDS)
+
+
+def pack_groups(configs: Sequence[RunConfig]) -> list[list[int]]:
+    """Indices of ``configs`` grouped by ``pack_key``, groups in order of first appearance, indices in order."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for index, config in enumerate(configs):
+        groups[pack_key(config)].append(index)
+    return list(groups.values())
+
+
+def check_pack(configs: Sequence[RunConfig]) -> None:
+    """Refuses, in one line naming the field, members that cannot train in one pack or settings a pack lacks."""
+    if not configs:
+        raise ConfigError("configs: a fused pack needs at least one run config")
+    for index, config in enumerate(configs):
+        _check_member(index, config)
+    first = configs[0]
+    for index, config in enumerate(configs[1:], start=1):
+        for name in SHARED_FIELDS:
+            ours, theirs = _shared_value(config, name), _shared_value(first, name)
+            if ours != theirs:
+                raise ConfigError(f"{name}: member {index} has {ours!r} but member 0 has {theirs!r}; a fused pack's "
+                                  f"members share {', '.join(SHARED_FIELDS)} (pack_groups groups runs that do)")
+    folders = [config.checkpoint_dir for config in configs if config.checkpoint_dir]
+    repeated = sorted({folder for folder in folders if folders.count(folder) > 1})
+    if repeated:
+        raise ConfigError(f"checkpoint_dir: {repeated[0]!r} is given to more than one member; each member needs a "
+                          f"folder of its own")
+
+
+def _check_member(index: int, config: RunConfig) -> None:
+    refusals = {
+        "resume": (config.resume, "a fused run starts every member anew; resume a member's checkpoint with "
+                                  "engine.train"),
+        "compile": (config.compile, "fused training runs its vmapped model eagerly; use compile false"),
+        "loader": (config.loader != "device", "fused training batches on the device; use loader 'device'"),
+        "precision": (config.precision == "fp16", "fp16 needs a loss scaler per member, which fused training does "
+                                                  "not have; use fp32 or bf16 (tf32 on CUDA)"),
+    }
+    for name, (refused, advice) in refusals.items():
+        if refused:
+            raise ConfigError(f"{name}: member {index} has {getattr(config, name)!r}; {advice}")
+
+
+def pack_tags(pack_id: str, size: int, member: int) -> dict[str, str]:
+    """What ``TrainContext.pack`` holds for member ``member`` of a pack of ``size``: tags for the tracker. A
+    member's epoch_seconds is the pack's epoch time (``epoch_time``: pack)."""
+    return {f"{PACK_TAG_PREFIX}fused": "true", f"{PACK_TAG_PREFIX}pack_id": pack_id,
+            f"{PACK_TAG_PREFIX}pack_size": str(size), f"{PACK_TAG_PREFIX}pack_member": str(member),
+            f"{PACK_TAG_PREFIX}epoch_time": "pack"}
