@@ -62,12 +62,13 @@ def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 180) -> 
 
 
 @contextlib.contextmanager
-def mlflow_server(folder: Path, backend_uri: str | None = None) -> Iterator[str]:
+def mlflow_server(folder: Path, backend_uri: str | None = None, port: int | None = None) -> Iterator[str]:
     """A real ``mlflow server`` on 127.0.0.1 (its own SQLite store in ``folder`` unless ``backend_uri`` names
-    one), serving artifacts from ``folder``; yields its URL and stops its whole process group on exit."""
+    one; on ``port``, else a free one), serving artifacts from ``folder``; yields its URL and stops its whole
+    process group on exit."""
     from sweepbench.tracking import stop_process_group
 
-    port = free_port()
+    port = port or free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", backend_uri or f"sqlite:///{folder / 'server.db'}", "--serve-artifacts",

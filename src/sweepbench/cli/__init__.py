@@ -2,13 +2,14 @@
 
 - ``options``: the run settings as flags (one per ``RunConfig`` field) and ``--set``, shared options;
 - ``train``: ``train``, ``models``, ``datasets``;
-- ``runs``: ``ui``, ``report``, ``study``, ``bench``.
+- ``runs``: ``ui``, ``report``, ``study``, ``bench``, ``runs reconcile``.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import warnings
@@ -17,12 +18,17 @@ from typing import Sequence
 from ..config import ConfigError, SettingWarning
 from ..data import DataNotFoundError
 from ..engine import Terminated, interrupt_message, sigterm_interrupts
+from ..engine.checkpoint import DiskFullError
+from ..retry import ServiceUnavailable
 from .options import config_from_args
-from .runs import add_bench_parser, add_report_parser, add_study_parser, add_ui_parser
+from .runs import add_bench_parser, add_report_parser, add_runs_parser, add_study_parser, add_ui_parser
 from .train import add_train_parser, format_summary, show_datasets, show_models
 
 __all__ = ["build_parser", "config_from_args", "format_summary", "main"]
 PYTHON_SHOW_WARNING = warnings.showwarning
+# mlflow.store.db.utils logs each database error with its traceback (a wall of lines) and then raises it again
+CHATTY_LOGGERS = {"mlflow.store.db.utils": logging.CRITICAL, "alembic.runtime.migration": logging.WARNING}
+SQLITE_FULL = "database or disk is full"  # SQLite's error (SQLITE_FULL) when its file cannot grow
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_parser(commands)
     add_study_parser(commands)
     add_bench_parser(commands)
+    add_runs_parser(commands)
     return parser
 
 
@@ -49,14 +56,15 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _show_warning
-    for chatty in ("mlflow.store.db.utils", "alembic.runtime.migration"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    for chatty, level in CHATTY_LOGGERS.items():
+        logging.getLogger(chatty).setLevel(level)
     try:
         with sigterm_interrupts():
             if hasattr(args, "tracking_uri") and not getattr(args, "no_mlflow", False):
                 from ..tracking.connect import check_tracking_uri
 
-                args.tracking_uri = check_tracking_uri(args.tracking_uri, must_exist=args.command == "report")
+                args.tracking_uri = check_tracking_uri(args.tracking_uri,
+                                                       must_exist=args.command in ("report", "runs"))
             return args.handler(args)
     except (ConfigError, DataNotFoundError) as exc:
         print(f"sweepbench: error: {exc}", file=sys.stderr)
@@ -64,5 +72,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as interrupt:
         print(f"sweepbench: {interrupt_message(interrupt)}", file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
+    except BrokenPipeError:
+        _silence_stdout()
+        return 128 + signal.SIGPIPE
+    except ServiceUnavailable as exc:
+        print(f"sweepbench: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        message = disk_full_message(exc, getattr(args, "tracking_uri", None))
+        if message is None:
+            raise
+        print(f"sweepbench: error: {message}", file=sys.stderr)
+        return 1
+
+
+def _silence_stdout() -> None:
+    """After the reader of stdout went away (``| head``): what is still buffered goes nowhere, quietly, instead
+    of into a BrokenPipeError as the interpreter exits."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def disk_full_message(error: BaseException, tracking_uri: str | None) -> str | None:
+    """One line for an error a full disk caused, else None: a checkpoint's ``DiskFullError``, and SQLite's
+    "database or disk is full" from an MLflow store, which then could not record the run's end either."""
+    causes = _causes(error)
+    checkpoint = next((str(cause) for cause in causes if isinstance(cause, DiskFullError)), None)
+    if not any(SQLITE_FULL in str(cause) for cause in causes):
+        return checkpoint
+    store = (f"the MLflow store {tracking_uri} could not be written ({SQLITE_FULL}), so its run stays RUNNING "
+             f"until `sweepbench runs reconcile` (or the next `sweepbench train`) ends it once there is space")
+    return f"{checkpoint}; {store}" if checkpoint else f"disk full: {store}"
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """``error`` and every exception it was raised from or while handling, each once."""
+    seen, pending = [], [error]
+    while pending:
+        cause = pending.pop()
+        if cause is not None and all(cause is not known for known in seen):
+            seen.append(cause)
+            pending += [cause.__cause__, cause.__context__]
+    return seen
 
 

@@ -1,4 +1,4 @@
-"""The commands over many runs: ``ui``, ``report``, ``study run/show/export`` and ``bench``."""
+"""The commands over many runs: ``ui``, ``report``, ``study run/show/export``, ``bench`` and ``runs reconcile``."""
 
 from __future__ import annotations
 
@@ -97,6 +97,8 @@ def add_study_parser(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--storage", help="Optuna RDB storage URL, e.g. postgresql://postgres@127.0.0.1/optuna "
                                        "(default: sqlite:///<cwd>/mlruns/studies/<name>.db)")
     run.add_argument("--workers", type=int, default=1, help="local worker processes on the same storage")
+    run.add_argument("--pack", type=int, help="trials each worker trains at once, fused where they share an "
+                                              "architecture (default: the spec's budget.pack, else 1)")
     run.add_argument("--heartbeat-interval", type=int,
                      help="seconds between trial heartbeats (default: 10); a trial silent for 3 of them is "
                           "failed and retried")
@@ -125,15 +127,21 @@ def _add_stored_study_args(parser: argparse.ArgumentParser) -> None:
 def _study_run(args: argparse.Namespace) -> int:
     from ..study.spec import load_spec
     from ..study import configure_logging, make_job, redact, run_study
+    from ..study.coordination import WorkersFailed
 
     changes = {"device": args.device, "precision": args.precision, "data_dir": args.data_dir,
                "download": args.download or None, **parse_overrides(args.set)}
-    spec = load_spec(args.spec).with_overrides(n_trials=args.n_trials, timeout=args.timeout, **changes)
+    spec = load_spec(args.spec).with_overrides(n_trials=args.n_trials, timeout=args.timeout, pack=args.pack,
+                                               **changes)
     job = make_job(spec, args.storage, args.tracking_uri, args.workers, args.heartbeat_interval)
     configure_logging()
     print(f"study {spec.name}: target {spec.target_trials()} finished trials, {job.workers} worker(s), "
           f"storage {redact(job.storage_url)}, tracking {job.tracking_uri}", flush=True)
-    outcome = run_study(job)
+    try:
+        outcome = run_study(job)
+    except WorkersFailed as exc:
+        print(f"sweepbench: error: {exc}", file=sys.stderr)
+        return 1
     print(outcome.describe())
     return 0 if outcome.status == "FINISHED" else 1
 
@@ -200,3 +208,34 @@ def _bench(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+
+
+def add_runs_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("runs", help="upkeep of the MLflow runs")
+    runs_commands = parser.add_subparsers(dest="runs_command", required=True)
+    reconcile = runs_commands.add_parser(
+        "reconcile", help="end KILLED the RUNNING runs of this host whose process is gone (killed, crashed)")
+    reconcile.add_argument("--experiment", action="append", help="experiment to reconcile (repeatable; default: all)")
+    add_tracking_args(reconcile)
+    reconcile.set_defaults(handler=_runs_reconcile)
+
+
+def _runs_reconcile(args: argparse.Namespace) -> int:
+    from ..config import ConfigError
+    from ..tracking import Store, reconcile_dead_runs
+
+    store = Store(args.tracking_uri)
+    names = store.experiment_names()
+    unknown = sorted(set(args.experiment or []) - set(names.values()))
+    if unknown:
+        raise ConfigError(f"--experiment: no experiment {', '.join(map(repr, unknown))} in {store.tracking_uri}; "
+                          f"experiments there: {', '.join(sorted(names.values())) or 'none'}")
+    ids = [id_ for id_, name in names.items() if not args.experiment or name in args.experiment]
+    runs = reconcile_dead_runs(store, ids)
+    for run in runs:
+        if run.ended:
+            print(f"{run.describe()} (experiment {names[run.experiment_id]!r})")
+    ended, elsewhere = sum(run.ended for run in runs), sum(run.elsewhere for run in runs)
+    print(f"reconciled: {ended} RUNNING run(s) ended KILLED; left RUNNING: {len(runs) - ended - elsewhere} whose "
+          f"process runs, {elsewhere} of other hosts (reconcile those on their host)")
+    return 0

@@ -11,6 +11,7 @@ train). ``resume_config`` resolves a resumed run's settings: the checkpoint's, e
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Collection, Sequence
@@ -35,6 +36,7 @@ ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
 IDENTITY_FIELDS = ("model", "model_kwargs", "dataset", "dataset_kwargs", "val_size", "optimizer")
 # Where a run reads and writes, not what it is: never taken from a checkpoint (see ``resume_config``).
 LOCATION_FIELDS = ("data_dir", "download", "checkpoint_dir", "resume")
+FULL_BYTES = 1 << 20  # a write that failed with less free space than this ran out of it
 
 
 def checkpoint_state(run: _Run) -> dict[str, Any]:
@@ -107,12 +109,53 @@ def _apply_settings(run: _Run, saved: dict[str, Any], epochs_done: int) -> None:
         group["initial_lr"], group["lr"] = config.lr, config.lr * config.lr_gamma ** epochs_done
 
 
+class DiskFullError(OSError):
+    """A checkpoint that did not fit on its disk: an ``OSError`` with errno ENOSPC whose text is one line,
+    ``disk full at <path>: ...``, where torch's own error says nothing of space."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(errno.ENOSPC, f"disk full at {path}: no space left on the device to write this "
+                                       f"checkpoint; free space there or set checkpoint_dir to another disk",
+                         str(path))
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Writes atomically: a reader sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Writes atomically: a reader sees the old file or the new one, never half of one. The partial file is
+    removed on any error, Ctrl-C included (left behind, it would keep a full disk full); running out of space is
+    raised as ``DiskFullError``."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, partial)
-    os.replace(partial, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with partial.open("wb") as file:  # a Python file: its ENOSPC OSError stays in torch's error's context
+            torch.save(state, file)
+        os.replace(partial, path)
+    except BaseException as exc:
+        disk_full = isinstance(exc, Exception) and _out_of_space(exc, path.parent)
+        partial.unlink(missing_ok=True)
+        if disk_full:
+            raise DiskFullError(path) from exc
+        raise
+
+
+def _out_of_space(error: BaseException, folder: Path) -> bool:
+    """Whether ``error`` (raised while the partial file is still there) means the disk is full: an ENOSPC in
+    its chain of causes, or torch's write error (``unexpected pos ...``, which hides the OSError when torch writes
+    to a path) while less than ``FULL_BYTES`` are free in ``folder``."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            return True
+        cause = cause.__cause__ or cause.__context__
+    if not isinstance(error, RuntimeError):
+        return False
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < FULL_BYTES
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

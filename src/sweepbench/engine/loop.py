@@ -22,7 +22,7 @@ from ..data import load_dataset
 from ..hardware import autocast, device_name, peak_memory_mb, resolve_device, set_precision_flags, synchronize
 from ..models import check_config, check_fits, create_model
 from .callbacks import Callback, StopTraining, TrainContext
-from .checkpoint import checkpoint_state, load_resume, restore_checkpoint, save_checkpoint
+from .checkpoint import DiskFullError, checkpoint_state, load_resume, restore_checkpoint, save_checkpoint
 from .interrupts import interrupt_message
 from .loaders import DeviceLoader, TorchvisionLoader, normalise
 from .optimizer import build_optimizer, contiguous_parameters, zero_gradients
@@ -144,7 +144,7 @@ class _Run:
         result.confusion_matrix = confusion.tolist()
 
 
-def _time_to_target(history: list[EpochRecord], target: float | None) -> float | None:
+def time_to_target(history: list[EpochRecord], target: float | None) -> float | None:
     if target is None:
         return None
     elapsed = 0.0
@@ -187,16 +187,21 @@ def train(config: RunConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
         _finish(run, result, started)
         raise
     except Exception as exc:
-        result.status, result.message = "failed", f"{type(exc).__name__}: {exc}"
+        result.status, result.message = "failed", failure_message(exc)
         _finish(run, result, started)
         raise
     _finish(run, result, started)
     return result
 
 
+def failure_message(error: Exception) -> str:
+    """A failed run's error: a full disk's own one line says it all; other errors are named by their type."""
+    return str(error) if isinstance(error, DiskFullError) else f"{type(error).__name__}: {error}"
+
+
 def _finish(run: _Run, result: RunResult, started: float) -> None:
     result.best_val_accuracy, result.best_epoch = run.best_val_accuracy, run.best_epoch
-    result.time_to_target_seconds = _time_to_target(run.history, run.config.target_accuracy)
+    result.time_to_target_seconds = time_to_target(run.history, run.config.target_accuracy)
     result.train_seconds = sum(record.epoch_seconds for record in run.history)
     result.peak_memory_mb = peak_memory_mb(run.device)
     result.wall_seconds = time.perf_counter() - started

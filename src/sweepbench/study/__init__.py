@@ -17,8 +17,9 @@ import optuna
 from ..tracking import Store
 from .coordination import Tally, _run_workers, configure_logging, load_study, worker_seed
 from .job import StudyJob, make_job, normalize_storage_url, redact
-from .parent import _open_parent_run, log_study_outcome
-from .storage import RETRY_HISTORY, RUN_ID_ATTR, WORKER_ATTR, open_existing_study, open_storage
+from .parent import _open_parent_run, log_study_outcome, reconcile
+from .storage import (RETRY_HISTORY, RUN_ID_ATTR, WORKER_ATTR, adopt_heartbeat_interval, open_existing_study,
+                      open_storage)
 from .summary import describe_importances, describe_study, export_trials
 
 __all__ = [
@@ -66,20 +67,27 @@ class StudyOutcome:
 
 def run_study(job: StudyJob) -> StudyOutcome:
     """Runs (or resumes) a study with ``job.workers`` local workers, then logs its outcome to the parent run.
-    A study that stops on ``max_failed_trials`` ends FAILED; Ctrl-C ends it KILLED and re-raises."""
+    A study that stops on ``max_failed_trials`` ends FAILED; Ctrl-C ends it KILLED and re-raises. The heartbeat
+    interval is the study's (the first worker's); child runs are reconciled with the trials before and after."""
     started = time.perf_counter()
     storage = open_storage(job)
     study = load_study(job, storage)
+    adopted = adopt_heartbeat_interval(job, study)
+    if adopted != job:
+        job, storage = adopted, open_storage(adopted)
+        study = load_study(job, storage)
     finished_before = Tally.of(study.get_trials(deepcopy=False)).finished
     store = Store(job.tracking_uri)
     parent_run_id = _open_parent_run(study, job, store)
     with store.lifecycle(parent_run_id) as outcome:
+        reconcile(study, job, store, parent_run_id)
         try:
             _run_workers(job)
             tally = Tally.of(study.get_trials(deepcopy=False))
             if tally.failed >= job.spec.max_failed_trials and tally.finished < job.spec.target_trials():
                 outcome.status = "FAILED"
         finally:
+            reconcile(study, job, store, parent_run_id)
             log_study_outcome(study, job, store, parent_run_id)
     return StudyOutcome(study, job, parent_run_id, outcome.status, tally, finished_before,
                         time.perf_counter() - started)

@@ -17,7 +17,11 @@ and none RUNNING.
 **FAIL trials** (the trial raised, or its training diverged) do not count towards N: the study goes on. To stop a
 study whose every trial fails, it ends once ``max_failed_trials`` trials have failed on their own. Trials that
 failed because their worker died or was interrupted are retried (at most ``MAX_RETRIES`` times) and count as
-failures only when they run out of retries.
+failures only when they run out of retries; trials that failed because the storage stayed unreachable are
+always retried and never count.
+
+**Workers die with their parent**: a local worker whose ``study run`` process is gone (SIGKILL) stops its trial
+as Ctrl-C would (FAIL, queued again) within a second, instead of running trials on its own.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import os
 import platform
 import signal
 import sys
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -43,10 +48,13 @@ from .. import engine
 from ..config import ConfigError
 from .job import StudyJob, redact
 from .spec import StudySpec
-from .storage import PARENT_RUN_ATTR, RETRY_HISTORY, SEED_CLAIM_ATTR, _quiet, open_storage, storage_lock
-from .trial import run_trial
+from ..retry import ServiceUnavailable
+from .storage import (FAILURE_ATTR, INFRASTRUCTURE, PARENT_RUN_ATTR, RETRY_HISTORY, SEED_CLAIM_ATTR, _quiet,
+                      open_storage, storage_lock)
+from .trial import run_trials
 
 POLL_SECONDS = 1.0
+PARENT_CHECK_SECONDS = 1.0
 INTERRUPT_GRACE_SECONDS = 3
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -138,14 +146,16 @@ class Tally:
         return cls(
             finished=sum(trial.state in FINISHED for trial in trials),
             running=sum(trial.state == TrialState.RUNNING for trial in trials),
-            failed=sum(trial.state == TrialState.FAIL and trial.number not in retried for trial in trials),
+            failed=sum(trial.state == TrialState.FAIL and trial.number not in retried
+                       and trial.user_attrs.get(FAILURE_ATTR) != INFRASTRUCTURE for trial in trials),
         )
 
     def settled(self, spec: StudySpec) -> bool:
         return self.finished >= spec.target_trials() or self.failed >= spec.max_failed_trials
 
-    def has_slot(self, spec: StudySpec) -> bool:
-        return self.finished + self.running < spec.target_trials()
+    def slots(self, spec: StudySpec) -> int:
+        """Trials still to reserve: the target less those finished and those running."""
+        return max(0, spec.target_trials() - self.finished - self.running)
 
 
 def _fail_stale_trials(study: optuna.Study) -> None:
@@ -154,7 +164,8 @@ def _fail_stale_trials(study: optuna.Study) -> None:
 
 
 def run_worker(job: StudyJob, worker_index: int = 0) -> None:
-    """Reserves and runs trials until the study is settled (see the module docstring) or the timeout passes."""
+    """Reserves and runs trials (up to the spec's ``pack`` at once) until the study is settled (see the module
+    docstring) or the timeout passes."""
     storage = open_storage(job)
     study = load_study(job, storage, worker_index)
     parent_run_id = study.user_attrs[PARENT_RUN_ATTR]
@@ -165,11 +176,11 @@ def run_worker(job: StudyJob, worker_index: int = 0) -> None:
             tally = Tally.of(study.get_trials(deepcopy=False))
             if tally.settled(job.spec):
                 return
-            trial = _ask(study, storage) if tally.has_slot(job.spec) else None
-        if trial is None:
-            time.sleep(POLL_SECONDS)
+            trials = [_ask(study, storage) for _ in range(min(job.spec.pack, tally.slots(job.spec)))]
+        if trials:
+            run_trials(study, trials, job, storage, parent_run_id)
         else:
-            run_trial(study, trial, job, storage, parent_run_id)
+            time.sleep(POLL_SECONDS)
 
 
 def _ask(study: optuna.Study, storage: RDBStorage) -> optuna.Trial:
@@ -181,8 +192,8 @@ def _ask(study: optuna.Study, storage: RDBStorage) -> optuna.Trial:
 
 
 def configure_logging() -> None:
-    """One line per trial from this package; Optuna's own chatter only when it is a warning."""
-    log = logging.getLogger(__package__)
+    """One line per trial (and per service outage) from sweepbench; Optuna's chatter only when it is a warning."""
+    log = logging.getLogger("sweepbench")
     log.setLevel(logging.INFO)
     if not log.handlers:
         handler = logging.StreamHandler()
@@ -191,17 +202,40 @@ def configure_logging() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def _worker_process(job: StudyJob, worker_index: int) -> None:
-    """Entry point of a spawned local worker: a fair share of the CPU threads, then the worker loop."""
+def _worker_process(job: StudyJob, worker_index: int, parent_pid: int) -> None:
+    """Entry point of a spawned local worker: a fair share of the CPU threads, a watch on its parent, then the
+    worker loop. A storage that stays unreachable ends the worker with one line and exit status 1."""
     configure_logging()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.workers))
     try:
         with engine.sigterm_interrupts():
+            _watch_parent(parent_pid)
             run_worker(job, worker_index)
     except engine.Terminated:
         sys.exit(128 + signal.SIGTERM)
     except KeyboardInterrupt:
         sys.exit(128 + signal.SIGINT)
+    except ServiceUnavailable as exc:
+        logging.getLogger(__name__).error(f"worker {worker_index} stops: {exc}")
+        sys.exit(1)
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Sends this worker SIGTERM (handled like Ctrl-C) once its parent is gone: an orphan is re-parented, so
+    its parent pid changes."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_CHECK_SECONDS)
+        logging.getLogger(__name__).warning(f"worker {os.getpid()}: its study run process {parent_pid} is gone; "
+                                            "stopping")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+class WorkersFailed(RuntimeError):
+    """A local worker process ended with an error (its own line says which)."""
 
 
 def _run_workers(job: StudyJob) -> None:
@@ -209,8 +243,8 @@ def _run_workers(job: StudyJob) -> None:
         run_worker(job)
         return
     context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=_worker_process, args=(job, index), name=f"sweepbench-worker-{index}")
-                 for index in range(job.workers)]
+    processes = [context.Process(target=_worker_process, args=(job, index, os.getpid()),
+                                 name=f"sweepbench-worker-{index}") for index in range(job.workers)]
     for process in processes:
         process.start()
     try:
@@ -221,18 +255,25 @@ def _run_workers(job: StudyJob) -> None:
         raise
     crashed = {process.name: process.exitcode for process in processes if process.exitcode != 0}
     if crashed:
-        raise RuntimeError(f"worker process(es) exited abnormally: {crashed}")
+        raise WorkersFailed(f"worker process(es) exited abnormally (exit status): {crashed}; see their lines above")
 
 
 def _stop_workers(processes: list[multiprocessing.process.BaseProcess], signum: int) -> None:
     """After Ctrl-C or SIGTERM: a terminal's Ctrl-C (or a scheduler's SIGTERM to the process group) reaches every
     worker, which marks its trial and stops; a signal sent to this process alone is passed on to the workers
-    still running after a grace period."""
+    still running after a grace period, at once if a second one comes. Returns when every worker has ended."""
     deadline = time.monotonic() + INTERRUPT_GRACE_SECONDS
-    for process in processes:
-        process.join(timeout=max(0.0, deadline - time.monotonic()))
+    try:
+        for process in processes:
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+    except KeyboardInterrupt:
+        pass
     for process in processes:
         if process.is_alive():
             os.kill(process.pid, signum)
-    for process in processes:
-        process.join()
+    while any(process.is_alive() for process in processes):
+        try:
+            for process in processes:
+                process.join()
+        except KeyboardInterrupt:
+            continue

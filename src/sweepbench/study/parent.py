@@ -1,5 +1,8 @@
 """The study's MLflow parent run: created once (its id kept in the study), reopened on every resume, and given the
-study's outcome at the end: trial counts, the best trial and its checkpoint, the trials table, Optuna's plots."""
+study's outcome at the end: trial counts, the best trial and its checkpoint, the trials table, Optuna's plots.
+Before and after the workers run, the trials' child runs are reconciled with Optuna's states (``reconcile``): a
+child run left RUNNING by a dead worker or a tracking outage ends with its trial's outcome, and a finished
+trial whose run could never be created gets one rebuilt from what Optuna holds."""
 
 from __future__ import annotations
 
@@ -12,13 +15,13 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .. import engine
-from ..tracking import Store, environment_tags
+from ..tracking import Store, config_params, environment_tags
 from .coordination import Tally
 from .job import StudyJob, redact
 from .spec import ParamSpec, StudySpec
 from .storage import PARENT_RUN_ATTR, RUN_ID_ATTR, _quiet, storage_lock
 from .summary import best_trial, export_trials
-from .trial import MLFLOW_TEXT_LIMIT
+from .trial import MLFLOW_TEXT_LIMIT, apply_params, trial_tags
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,67 @@ def _create_parent_run(store: Store, job: StudyJob) -> str:
               "pruner_options": spec.pruner_options, "search_space": search[:MLFLOW_TEXT_LIMIT]}
     experiment_id = store.experiment(spec.name, spec.description or None)
     return store.start_run(experiment_id, f"study-{spec.name}", "study", tags, params)
+
+
+RECONCILED_TAG = "sweepbench.reconciled"
+RECOVERED_TAG = "sweepbench.recovered"
+RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
+TRIAL_STATUS = {TrialState.COMPLETE: "completed", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
+
+
+def reconcile(study: optuna.Study, job: StudyJob, store: Store, parent_run_id: str) -> int:
+    """Ends the study's child runs left RUNNING although their trial has ended (its worker died, or the tracking
+    store was down when it ended), and rebuilds the runs of finished trials that have none; returns how many
+    runs it touched. Runs of trials still RUNNING are their live workers' (or go stale and are handled then)."""
+    trials = study.get_trials(deepcopy=False)
+    by_number = {trial.number: trial for trial in trials}
+    linked = {trial.user_attrs.get(RUN_ID_ATTR): trial for trial in trials}
+    experiment_id = store.experiment(job.spec.name)
+    runs = store.child_runs([experiment_id], parent_run_id)
+    numbers = {run.info.run_id: _trial_number(run) for run in runs}
+    touched = 0
+    for run in runs:
+        trial = linked.get(run.info.run_id) or by_number.get(numbers[run.info.run_id])
+        if run.info.status != "RUNNING" or trial is None or trial.state not in RUN_STATUS:
+            continue
+        duplicate = linked.get(run.info.run_id) is None and trial.user_attrs.get(RUN_ID_ATTR) is not None
+        reason = ("a second run of this trial, created by a retried request" if duplicate else
+                  f"left RUNNING (dead worker or tracking outage); its trial ended {trial.state.name}")
+        store.end_run(run.info.run_id, "KILLED" if duplicate else RUN_STATUS[trial.state],
+                      {RECONCILED_TAG: reason, "status": TRIAL_STATUS[trial.state]})
+        touched += 1
+    with_runs = set(numbers.values())
+    for trial in trials:
+        if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and trial.number not in with_runs:
+            _recover_run(trial, job, store, experiment_id, parent_run_id)
+            touched += 1
+    if touched:
+        log.warning(f"reconciled {touched} MLflow run(s) of study {job.spec.name} with Optuna's trial states")
+    return touched
+
+
+def _recover_run(trial: FrozenTrial, job: StudyJob, store: Store, experiment_id: str,
+                 parent_run_id: str) -> None:
+    """A child run for a finished trial that has none, from what Optuna holds: the parameters, the reported
+    metric per epoch and the trial's results; tagged, since the other per-epoch metrics are missing."""
+    config = apply_params(job.spec.base_config, trial.params)
+    tags = {**trial_tags(job.spec, trial), "status": TRIAL_STATUS[trial.state],
+            RECOVERED_TAG: "rebuilt from the Optuna trial: the tracking store was unreachable while it ran"}
+    run_id = store.start_run(experiment_id, f"trial-{trial.number:04d}", "trial", tags, config_params(config),
+                             parent_run_id)
+    metric = job.spec.metric_names[0]
+    for step, value in sorted(trial.intermediate_values.items()):
+        store.log(run_id, metrics={metric: value}, step=step)
+    results = {name: trial.user_attrs.get(name) for name in ("test_accuracy", "train_seconds")}
+    if trial.values and metric == "val_accuracy":
+        results["best_val_accuracy"] = trial.values[0]
+    store.log(run_id, metrics=results, step=trial.user_attrs.get("epochs_run") or 0)
+    store.end_run(run_id, RUN_STATUS[trial.state])
+
+
+def _trial_number(run: Any) -> int | None:
+    number = run.data.tags.get("optuna.trial_number", "")
+    return int(number) if number.isdigit() else None
 
 
 def _describe(param: ParamSpec) -> str:

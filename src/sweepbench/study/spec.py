@@ -34,7 +34,12 @@ PRUNER_KEYS = {"median": ("name", "n_startup_trials", "n_warmup_steps"),
                "hyperband": ("name", "min_resource", "reduction_factor"),
                "none": ("name",)}
 PRUNER_MINIMUMS = {"min_resource": 1, "reduction_factor": 2}
-BUDGET_KEYS = ("n_trials", "timeout", "max_failed_trials", "max_grid_points")
+BUDGET_KEYS = ("n_trials", "timeout", "max_failed_trials", "max_grid_points", "keep_checkpoints", "pack")
+# Settings a fused pack cannot have (``engine.fused``): a packed study may neither fix nor search them otherwise.
+PACK_REQUIRES = {"loader": "device", "compile": False}
+# What a study keeps of its trials' checkpoints: the best trial's best.pt (a Pareto study: each best trial's),
+# every trial's best.pt and last.pt, or nothing.
+KEEP_CHECKPOINTS = ("best", "all", "none")
 OBJECTIVE_KEYS = ("metric", "direction")
 PARAM_KEYS = {"int": ("type", "low", "high", "step", "log"),
               "float": ("type", "low", "high", "step", "log"),
@@ -91,6 +96,8 @@ class StudySpec:
     timeout: float | None = None
     max_failed_trials: int = 20
     max_grid_points: int = MAX_GRID_POINTS
+    keep_checkpoints: str = "best"
+    pack: int = 1
     description: str = ""
     source: str = ""
 
@@ -102,7 +109,7 @@ class StudySpec:
     def metric_names(self) -> list[str]:
         return [objective.metric for objective in self.objectives]
 
-    def with_overrides(self, n_trials: int | None = None, timeout: float | None = None,
+    def with_overrides(self, n_trials: int | None = None, timeout: float | None = None, pack: int | None = None,
                        **config_changes: Any) -> StudySpec:
         """The same spec with a new budget and fixed training settings (``None`` keeps a value; kwargs tables
         are merged argument by argument). A searched setting cannot be fixed: the trials would ignore it."""
@@ -112,12 +119,15 @@ class StudySpec:
         if searched:
             raise ConfigError(f"--set {', '.join(searched)}: searched by study {self.name!r}; "
                               "remove it from the spec's [search] to fix it")
-        return dataclasses.replace(
+        spec = dataclasses.replace(
             self,
             base_config=RunConfig.from_dict(apply_overrides(self.base_config.to_dict(), changes)),
             n_trials=self.n_trials if n_trials is None else tomlcheck.positive_int("--n-trials", n_trials),
             timeout=self.timeout if timeout is None else tomlcheck.positive_number("--timeout", timeout),
+            pack=self.pack if pack is None else tomlcheck.positive_int("--pack", pack),
         )
+        _check_pack(spec)
+        return spec
 
     def target_trials(self) -> int:
         """``n_trials``, capped at the grid's size for the grid sampler (it has nothing more to try)."""
@@ -184,11 +194,28 @@ def _parse(data: dict[str, Any], source: str) -> StudySpec:
         max_failed_trials=tomlcheck.positive_int("budget.max_failed_trials", budget.get("max_failed_trials", n_trials)),
         max_grid_points=tomlcheck.positive_int("budget.max_grid_points",
                                                budget.get("max_grid_points", MAX_GRID_POINTS)),
+        keep_checkpoints=tomlcheck.choice("budget.keep_checkpoints", budget.get("keep_checkpoints", "best"),
+                                          KEEP_CHECKPOINTS),
+        pack=tomlcheck.positive_int("budget.pack", budget.get("pack", 1)),
         description=tomlcheck.string("description", data.get("description", ""), allow_empty=True),
         source=source,
     )
     _check_combination(spec)
+    _check_pack(spec)
     return spec
+
+
+def _check_pack(spec: StudySpec) -> None:
+    """A packed study's trials must be able to train fused (``engine.fused``)."""
+    if spec.pack == 1:
+        return
+    searched = {param.name for param in spec.search}
+    for name, needed in PACK_REQUIRES.items():
+        if name in searched or getattr(spec.base_config, name) != needed:
+            raise ConfigError(f"budget.pack: {spec.pack} trains trials fused, which needs {name} = {needed!r} "
+                              f"(fixed, not searched); set budget.pack = 1 or {name} = {needed!r}")
+    if spec.base_config.resume:
+        raise ConfigError("budget.pack: a fused pack cannot resume a checkpoint; remove train.resume")
 
 
 def _base_config(data: dict[str, Any]) -> RunConfig:

@@ -1,7 +1,10 @@
 """The objective: a trial suggests its parameters, trains the one engine with them, reports every epoch to the
 pruner and tells the study how it ended, as in Optuna's ``pytorch_simple.py`` example. Around that, what a
-shared study needs: an MLflow child run per trial, a heartbeat while it trains, and a retry when Ctrl-C or
-SIGTERM stops it."""
+shared study needs: an MLflow child run per trial, a heartbeat while it trains, a retry when Ctrl-C or SIGTERM
+stops it or its storage stays unreachable (an infrastructure failure, which does not count towards
+``max_failed_trials``), and a quiet stop when another worker failed it as stale while this one was paused. A
+worker may reserve several trials at once (the spec's ``pack``) and train those that can share one stacked model
+fused (``engine.fused``): each is still its own trial, MLflow run and checkpoint."""
 
 from __future__ import annotations
 
@@ -10,19 +13,22 @@ import logging
 import os
 import platform
 import time
-from pathlib import Path
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
 
 import optuna
-from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from .. import engine
 from ..config import RunConfig
+from ..models import check_config
+from ..retry import ServiceUnavailable
 from ..tracking import MlflowLogger, Store, config_params
+from .checkpoints import keep_checkpoints, trial_checkpoint_dir
 from .job import StudyJob
 from .spec import EPOCH_METRICS, ParamSpec, StudySpec
-from .storage import ERROR_ATTR, RUN_ID_ATTR, WORKER_ATTR, _heartbeat, retry_trial
+from .storage import (ERROR_ATTR, FAILURE_ATTR, INFRASTRUCTURE, RUN_ID_ATTR, WORKER_ATTR, RetryingStorage,
+                      _heartbeat, retry_trial)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +71,7 @@ class TrialCallback(engine.Callback):
     def __init__(self, trial: optuna.Trial, mlflow_logger: MlflowLogger, prune_metric: str | None) -> None:
         self.trial, self.logger, self.prune_metric = trial, mlflow_logger, prune_metric
         self.seconds = 0.0
+        self.stale = False  # failed as stale by another worker while this one was paused
 
     @contextlib.contextmanager
     def _timed(self) -> Iterator[None]:
@@ -77,12 +84,22 @@ class TrialCallback(engine.Callback):
     def on_train_start(self, context: engine.TrainContext) -> None:
         with self._timed():
             self.logger.on_train_start(context)
+            self._link_run()
+
+    def _link_run(self) -> None:
+        """The trial's link to its MLflow run, once the run exists (late, when the tracking store was down)."""
+        if self.logger.run_id and self.trial.user_attrs.get(RUN_ID_ATTR) != self.logger.run_id:
             self.trial.set_user_attr(RUN_ID_ATTR, self.logger.run_id)
 
     def on_epoch_end(self, context: engine.TrainContext, record: engine.EpochRecord) -> None:
         with self._timed():
             self.logger.on_epoch_end(context, record)
-            prune = self.prune_metric is not None and self._should_prune(record)
+            try:
+                prune = self.prune_metric is not None and self._should_prune(record)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                self.stale = True
+        if self.stale:
+            raise engine.StopTraining(STALE_MESSAGE, status="stopped")
         if prune:
             raise engine.StopTraining(f"pruned by the {type(self.trial.study.pruner).__name__} after epoch "
                                       f"{record.epoch}", status="pruned")
@@ -94,9 +111,15 @@ class TrialCallback(engine.Callback):
     def on_train_end(self, context: engine.TrainContext, result: engine.RunResult) -> None:
         with self._timed():
             self.logger.on_train_end(context, result)
+            if not self.stale:
+                self._link_run()
 
 
-def _trial_tags(spec: StudySpec, trial: optuna.Trial) -> dict[str, str]:
+STALE_MESSAGE = ("another worker failed this trial as stale (no heartbeat for longer than the grace period: was "
+                 "this worker paused?) and queued its parameters again; this worker stops it and moves on")
+
+
+def trial_tags(spec: StudySpec, trial: optuna.Trial | FrozenTrial) -> dict[str, str]:
     return {"optuna.study_name": spec.name, "optuna.trial_number": str(trial.number)}
 
 
@@ -106,16 +129,9 @@ def _record_failed_run(job: StudyJob, trial: optuna.Trial, parent_run_id: str, m
     store = Store(job.tracking_uri)
     params = {**config_params(job.spec.base_config), **{name: str(value) for name, value in trial.params.items()}}
     run_id = store.start_run(store.experiment(job.spec.name), f"trial-{trial.number:04d}", "trial",
-                             {**_trial_tags(job.spec, trial), "status": "failed"}, params, parent_run_id)
+                             {**trial_tags(job.spec, trial), "status": "failed"}, params, parent_run_id)
     store.fail_run(run_id, message)
     trial.set_user_attr(RUN_ID_ATTR, run_id)
-
-
-def _train_trial(trial: optuna.Trial, job: StudyJob, callback: TrialCallback) -> engine.RunResult:
-    params = {param.name: suggest(trial, param) for param in job.spec.search}
-    config = apply_params(job.spec.base_config, params)
-    checkpoint_dir = Path(job.checkpoint_root) / f"trial-{trial.number:04d}"
-    return engine.train(config.replace(checkpoint_dir=str(checkpoint_dir)), [callback])
 
 
 def _record_result(trial: optuna.Trial, result: engine.RunResult, callback: TrialCallback) -> None:
@@ -137,31 +153,98 @@ def _fail(study: optuna.Study, trial: optuna.Trial, job: StudyJob, callback: Tri
     return study.tell(trial, state=TrialState.FAIL)
 
 
-def run_trial(study: optuna.Study, trial: optuna.Trial, job: StudyJob, storage: RDBStorage,
-              parent_run_id: str) -> None:
-    """Trains a reserved trial and tells the study how it ended. An exception makes it FAIL (with its error)
-    and the study goes on; Ctrl-C or SIGTERM marks it FAIL, queues its parameters for the next run and re-raises."""
+@dataclass
+class Member:
+    """A reserved trial ready to train: its config (the spec's with the trial's parameters) and its callback."""
+
+    trial: optuna.Trial
+    config: RunConfig
+    callback: TrialCallback
+
+
+def run_trials(study: optuna.Study, trials: Sequence[optuna.Trial], job: StudyJob, storage: RetryingStorage,
+               parent_run_id: str) -> None:
+    """Trains reserved trials and tells the study how each ended: those that can share a pack (``engine.fused``)
+    train fused when the spec's ``pack`` is above 1, the others one by one; every trial keeps its heartbeat until
+    it is told. A trial whose parameters make no valid config FAILs at once."""
+    members = [member for member in (_prepare(study, trial, job, parent_run_id) for trial in trials) if member]
+    with _heartbeat(storage, [trial._trial_id for trial in trials], job.heartbeat_interval):
+        for group in engine.pack_groups([member.config for member in members]):
+            _train_group(study, [members[index] for index in group], job, parent_run_id)
+
+
+def _prepare(study: optuna.Study, trial: optuna.Trial, job: StudyJob, parent_run_id: str) -> Member | None:
     spec = job.spec
     trial.set_user_attr(WORKER_ATTR, f"{platform.node()}:{os.getpid()}")
     mlflow_logger = MlflowLogger(spec.name, job.tracking_uri, run_name=f"trial-{trial.number:04d}",
-                                 parent_run_id=parent_run_id, tags=_trial_tags(spec, trial), log_model=False,
+                                 parent_run_id=parent_run_id, tags=trial_tags(spec, trial), log_model=False,
                                  log_artifacts=False, kind="trial")
     single_epoch_metric = len(spec.objectives) == 1 and spec.metric_names[0] in EPOCH_METRICS
     callback = TrialCallback(trial, mlflow_logger, spec.metric_names[0] if single_epoch_metric else None)
-    with _heartbeat(storage, trial._trial_id, job.heartbeat_interval):
-        try:
-            result = _train_trial(trial, job, callback)
-        except KeyboardInterrupt as interrupt:
-            retry_trial(study, _fail(study, trial, job, callback, parent_run_id, engine.interrupt_message(interrupt)))
-            raise
-        except Exception as exc:
-            _fail(study, trial, job, callback, parent_run_id, f"{type(exc).__name__}: {exc}")
-            return
-    _record_result(trial, result, callback)
     try:
+        params = {param.name: suggest(trial, param) for param in spec.search}
+        config = apply_params(spec.base_config, params)
+        check_config(config)  # here, not in a pack, where it would fail the other members too
+    except Exception as exc:
+        _fail(study, trial, job, callback, parent_run_id, f"{type(exc).__name__}: {exc}")
+        return None
+    return Member(trial, config.replace(checkpoint_dir=str(trial_checkpoint_dir(job, trial.number))), callback)
+
+
+def _train(group: Sequence[Member], pack: int) -> list[engine.RunResult]:
+    if len(group) == 1 or pack == 1:
+        return [engine.train(member.config, [member.callback]) for member in group]
+    log.info(f"trials {', '.join(str(member.trial.number) for member in group)}: training fused, one pack")
+    return engine.train_fused([member.config for member in group], [[member.callback] for member in group])
+
+
+def _train_group(study: optuna.Study, group: Sequence[Member], job: StudyJob, parent_run_id: str) -> None:
+    """Ctrl-C or SIGTERM marks every trial of the group FAIL, queues its parameters again and re-raises; so does a
+    storage unreachable for the whole retry budget, marked as an infrastructure failure. Any other exception
+    makes them FAIL (with the error) and the study goes on."""
+    try:
+        results = _train(group, job.spec.pack)
+    except KeyboardInterrupt as interrupt:
+        for member in group:
+            retry_trial(study, _fail(study, member.trial, job, member.callback, parent_run_id,
+                                     engine.interrupt_message(interrupt)))
+        raise
+    except ServiceUnavailable as exc:
+        for member in group:
+            _fail_for_infrastructure(study, member.trial, job, member.callback, parent_run_id, exc)
+        raise
+    except Exception as exc:
+        for member in group:
+            _fail(study, member.trial, job, member.callback, parent_run_id, f"{type(exc).__name__}: {exc}")
+            keep_checkpoints(study, job, member.trial.number)
+        return
+    for member, result in zip(group, results):
+        _conclude(study, member, job, parent_run_id, result)
+
+
+def _conclude(study: optuna.Study, member: Member, job: StudyJob, parent_run_id: str,
+              result: engine.RunResult) -> None:
+    trial, callback = member.trial, member.callback
+    if callback.stale:
+        log.warning(f"trial {trial.number}: {STALE_MESSAGE}")
+        return
+    try:
+        _record_result(trial, result, callback)
         _tell(study, trial, job, callback, parent_run_id, result)
     except optuna.exceptions.UpdateFinishedTrialError:
-        log.warning(f"trial {trial.number}: already marked FAIL as stale by another worker; its result is dropped")
+        log.warning(f"trial {trial.number}: {STALE_MESSAGE}; its result is dropped (the retry runs it again)")
+    keep_checkpoints(study, job, trial.number)
+
+
+def _fail_for_infrastructure(study: optuna.Study, trial: optuna.Trial, job: StudyJob, callback: TrialCallback,
+                             parent_run_id: str, error: ServiceUnavailable) -> None:
+    """Marks the trial FAIL as an infrastructure failure and queues it again, when the storage allows; else it
+    stays RUNNING until its heartbeats go stale, and is queued again then."""
+    try:
+        trial.set_user_attr(FAILURE_ATTR, INFRASTRUCTURE)
+        retry_trial(study, _fail(study, trial, job, callback, parent_run_id, str(error)), max_retries=None)
+    except (ServiceUnavailable, optuna.exceptions.UpdateFinishedTrialError):
+        pass
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, job: StudyJob, callback: TrialCallback, parent_run_id: str,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 import tempfile
 import time
@@ -14,12 +15,17 @@ import torch
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
+from .. import retry
 from ..config import RunConfig
+from ..retry import ServiceUnavailable
 from ..engine import Callback, EpochRecord, RunResult, TrainContext, normalise, train
 from ..engine.checkpoint import LOCATION_FIELDS, TRACKING_KEY
 from ..hardware import environment_record
 from .schema import KIND_TAG, config_params, training_tags
+from .reconcile import process_tags
 from .store import TRACKING_URI_ENV, Store, as_metrics
+
+log = logging.getLogger(__name__)
 
 MODEL_NAME = "model"
 INPUT_EXAMPLE_SIZE = 4
@@ -78,6 +84,7 @@ class MlflowLogger(Callback):
         self.continued_run_id: str | None = None  # set by ``continue_from``
         self.resumed_from_run: str | None = None
         self.logged_epochs = 0  # epochs the run already has metrics for
+        self.outage: str | None = None  # why the tracking store is not being written to, while it is not
         self.start_logging_seconds = self.epoch_logging_seconds = self.end_logging_seconds = 0.0
 
     @property
@@ -140,7 +147,37 @@ class MlflowLogger(Callback):
 
     def on_train_start(self, context: TrainContext) -> None:
         started = time.perf_counter()
-        tags = {**training_tags(context), **self.tags, **self._resume_tags(context)}
+        try:
+            self._open_run(context)
+        except ServiceUnavailable as outage:
+            self._defer(outage)
+        self.start_logging_seconds = time.perf_counter() - started
+
+    def _defer(self, outage: ServiceUnavailable) -> None:
+        """The tracking store stayed unreachable: training goes on, its records wait in the run's history and
+        are logged once the store answers again (tried at each epoch's end and at the run's end)."""
+        self.outage = str(outage)
+
+    def _catch_up(self, context: TrainContext, seconds: float = 0) -> bool:
+        """After an outage: opens the run and logs the epochs it missed, retrying for ``seconds`` (0: one quick
+        try); True once logged."""
+        try:
+            with retry.budget(seconds):
+                if self.run_id is None:
+                    self._open_run(context)
+                for record in context.history[self.logged_epochs:]:
+                    self._log_epoch(record)
+        except ServiceUnavailable:
+            return False
+        self.outage = None
+        return True
+
+    def _log_epoch(self, record: EpochRecord) -> None:
+        self.store.log(self.run_id, metrics=epoch_metrics(record))
+        self.logged_epochs = record.epoch
+
+    def _open_run(self, context: TrainContext) -> None:
+        tags = {**training_tags(context), **self.tags, **self._resume_tags(context), **process_tags()}
         if self.continued_run_id:
             self.run_id = self.continued_run_id
             self.store.reopen(self.run_id)
@@ -153,8 +190,7 @@ class MlflowLogger(Callback):
             self.run_id = self.store.start_run(experiment_id, self._run_name(context), self.kind, tags,
                                                config_params(context.config), self.parent_run_id)
         for record in context.history[self.logged_epochs:]:  # a resumed run's earlier epochs it has no metrics for
-            self.store.log(self.run_id, metrics=epoch_metrics(record))
-        self.start_logging_seconds = time.perf_counter() - started
+            self._log_epoch(record)
 
     def _resume_tags(self, context: TrainContext) -> dict[str, str]:
         if not context.config.resume:
@@ -166,13 +202,34 @@ class MlflowLogger(Callback):
 
     def on_epoch_end(self, context: TrainContext, record: EpochRecord) -> None:
         started = time.perf_counter()
-        self.store.log(self.run_id, metrics=epoch_metrics(record))
+        if self.outage is None:
+            try:
+                self._log_epoch(record)
+            except ServiceUnavailable as outage:
+                self._defer(outage)
+        else:
+            self._catch_up(context)
         self.epoch_logging_seconds += time.perf_counter() - started
 
     def on_train_end(self, context: TrainContext, result: RunResult) -> None:
+        """Final metrics, artifacts and the run's end. After an outage, the run first catches up (within the
+        retry budget). A store still (or newly) down leaves ``outage`` set and the run RUNNING, for
+        ``sweepbench runs reconcile`` or the study's reconciliation: the result itself is never lost to it."""
+        if self.outage is not None and not self._catch_up(context, retry.retry_budget()):
+            log.warning(f"{self.run_name or 'run'}: not logged to its end, the MLflow tracking store is still "
+                        "unreachable; the next study run (or `sweepbench runs reconcile`) completes it")
+            return
         if self.run_id is None:
             return
         started = time.perf_counter()
+        try:
+            self._end_run(context, result)
+        except ServiceUnavailable as outage:
+            self._defer(outage)
+        finally:
+            self.end_logging_seconds = time.perf_counter() - started
+
+    def _end_run(self, context: TrainContext, result: RunResult) -> None:
         status, tags = RUN_STATUS.get(result.status, "FAILED"), {"status": result.status}
         if result.message:
             tags["error" if status == "FAILED" else "stop_reason"] = result.message
@@ -180,15 +237,16 @@ class MlflowLogger(Callback):
             self.store.log(self.run_id, metrics=final_metrics(result, self.epoch_logging_seconds))
             if self.log_artifacts:
                 self._log_artifacts(context, result)
+        except ServiceUnavailable:
+            raise  # the store is down: the run cannot be ended either
         except KeyboardInterrupt:
-            status = "KILLED"
+            self.store.end_run(self.run_id, "KILLED", tags)
             raise
         except BaseException as exc:
-            status, tags["error"] = "FAILED", f"logging failed: {type(exc).__name__}: {exc}"
+            tags["error"] = f"logging failed: {type(exc).__name__}: {exc}"
+            self.store.end_run(self.run_id, "FAILED", tags)
             raise
-        finally:
-            self.store.end_run(self.run_id, status, tags)
-            self.end_logging_seconds = time.perf_counter() - started
+        self.store.end_run(self.run_id, status, tags)
 
     def _log_artifacts(self, context: TrainContext, result: RunResult) -> None:
         from .. import report

@@ -6,6 +6,9 @@ Every run that trains (a ``train`` run, a study trial, a benchmark repeat) has:
 - tags: ``sweepbench.kind`` (``train``, ``trial`` or ``repeat``), the run's identity as it actually ran (``model``,
   ``dataset``, the resolved ``device`` and ``device_name``, ``precision``, ``loader``, ``optimizer``,
   ``batch_size``, ``epochs``), the dataset's fingerprint and source, hardware and library versions, and ``status``;
+  a run trained fused with others (``engine.fused``) also has ``sweepbench.fused`` = ``true``, its
+  ``sweepbench.pack_id``, ``sweepbench.pack_size``, ``sweepbench.pack_member`` and ``sweepbench.epoch_time`` =
+  ``pack`` (its epoch times are the whole pack's, so reports keep it apart from runs trained alone);
 - metrics: per epoch ``train_loss``, ``val_loss``, ``val_accuracy``, ``epoch_seconds``, ``samples_per_second``,
   ``lr``, ``eval_seconds``; at the end ``test_accuracy``, ``test_loss``, ``best_val_accuracy``,
   ``time_to_target_seconds``, ``peak_memory_mb``, ``train_seconds``, ``total_seconds``, ``epoch_logging_seconds``.
@@ -61,6 +64,7 @@ def training_tags(context: TrainContext) -> dict[str, str]:
         "dataset_fingerprint": context.dataset.fingerprint,
         "dataset_source": context.dataset.source,
         "status": "running",
+        **(context.pack or {}),  # a fused run's pack: sweepbench.fused, pack_id, pack_size, epoch_time = "pack"
     }
 
 

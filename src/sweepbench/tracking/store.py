@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from ..retry import RetryPolicy
 from .schema import KIND_TAG
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
@@ -35,6 +36,7 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 DESCRIPTION_TAG = "mlflow.note.content"
 BATCH_SIZE = 100
+SEARCH_LIMIT = 50_000  # MLflow's most runs per search
 
 
 def default_store_path() -> Path:
@@ -91,6 +93,30 @@ def _message(text: str) -> str:
     return text[:MAX_MESSAGE_LENGTH]
 
 
+TRACKING_RETRY = RetryPolicy("MLflow tracking store")
+# MLflow's own HTTP retries would wait about 4 minutes, and each request up to 120 s, before ``TRACKING_RETRY``
+# (which logs the incident and tells a trial's outage from its failure) sees an error: a few quick tries instead.
+# Set in the environment, they win.
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+                        # MLflow prints "View run ..." to stdout as it ends a run: into a closed pipe
+                        # (``| head``), that BrokenPipeError would replace Ctrl-C and fail the trial.
+                        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+for _name, _value in MLFLOW_HTTP_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
+
+
+class RetryingClient:
+    """An ``MlflowClient`` whose every call goes through the retry policy (``sweepbench.retry``)."""
+
+    def __init__(self, client: MlflowClient) -> None:
+        self.mlflow = client
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.mlflow, name)
+        return functools.partial(TRACKING_RETRY.call, attribute) if callable(attribute) else attribute
+
+
 @dataclass
 class RunOutcome:
     """What a ``Store.lifecycle`` block decides about its run: the final status if it ends normally (FINISHED
@@ -107,12 +133,26 @@ class Store:
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
 
     @functools.cached_property
-    def client(self) -> MlflowClient:
+    def client(self) -> RetryingClient:
         """Made on first use, with a SQLite file's folder: a store no run is written to is never created."""
         database = sqlite_path(self.tracking_uri)
-        if database is not None:
-            database.parent.mkdir(parents=True, exist_ok=True)
-        return MlflowClient(self.tracking_uri)
+        if database is None:
+            return RetryingClient(MlflowClient(self.tracking_uri))
+        return self._sqlite_client(database)
+
+    def _sqlite_client(self, database: Path) -> RetryingClient:
+        """A client whose SQLite store exists with MLflow's current schema. MLflow creates and migrates the schema
+        on a store's first use; two processes doing that at once on a fresh file break each other ("table
+        already exists", alembic's "expected to match one row"), so the first use happens under a file lock
+        beside the database (not ``<database>.lock``, the study storage's lock when a study's Optuna storage is
+        this same file: taken again inside it, it would wait for ever)."""
+        import filelock
+
+        database.parent.mkdir(parents=True, exist_ok=True)
+        with filelock.FileLock(f"{database}.schema.lock"):
+            client = RetryingClient(MlflowClient(self.tracking_uri))
+            client.search_experiments(max_results=1)
+        return client
 
     # ---- experiments ----------------------------------------------------------------------------------------
 
@@ -210,6 +250,13 @@ class Store:
 
     def experiment_id_of(self, run_id: str) -> str:
         return self.client.get_run(run_id).info.experiment_id
+
+    def child_runs(self, experiment_ids: list[str], parent_run_id: str, status: str | None = None) -> list[Any]:
+        """The runs of these experiments under ``parent_run_id`` (with ``status`` only, when given)."""
+        clauses = [f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}'"]
+        if status:
+            clauses.append(f"attributes.status = '{status}'")
+        return list(self.client.search_runs(experiment_ids, " and ".join(clauses), max_results=SEARCH_LIMIT))
 
     @contextlib.contextmanager
     def lifecycle(self, run_id: str) -> Iterator[RunOutcome]:

@@ -27,6 +27,7 @@ from ...models import check_config, check_fits
 from ..callbacks import Callback, StopTraining, TrainContext
 from ..interrupts import interrupt_message
 from ..loaders import DeviceLoader, normalise
+from ..loop import failure_message
 from ..results import EpochRecord, RunResult
 from .batches import PackBatches
 from .checkpoint import save_member_checkpoints
@@ -196,7 +197,7 @@ def train_fused(configs: Sequence[RunConfig],
         _end_running(pack, "killed", interrupt_message(interrupt), started)
         raise
     except Exception as exc:
-        _end_running(pack, "failed", f"{type(exc).__name__}: {exc}", started)
+        _end_running(pack, "failed", failure_message(exc), started)
         raise
     return [member.result for member in pack.members]
 

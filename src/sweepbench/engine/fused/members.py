@@ -11,7 +11,7 @@ from typing import Any
 from ...config import RunConfig
 from ...hardware import peak_memory_mb
 from ..callbacks import Callback, TrainContext
-from ..loop import _time_to_target
+from ..loop import time_to_target
 from ..optimizer import contiguous_parameters
 from ..results import EpochRecord, RunResult
 
@@ -59,7 +59,7 @@ class Member:
         result = self.result
         result.status, result.message = status, message
         result.best_val_accuracy, result.best_epoch = self.best_val_accuracy, self.best_epoch
-        result.time_to_target_seconds = _time_to_target(self.history, self.config.target_accuracy)
+        result.time_to_target_seconds = time_to_target(self.history, self.config.target_accuracy)
         result.train_seconds = sum(record.epoch_seconds for record in self.history)
         result.peak_memory_mb = peak_memory_mb(self.context.device)
         result.wall_seconds = time.perf_counter() - started

@@ -1,0 +1,305 @@
+"""Faults a long study meets on a team's servers, reproduced on real ones: a private PostgreSQL restarted and
+stopped, a real ``mlflow server`` stopped for longer than MLflow's retries, stdout closed, a worker paused past
+its grace period, the parent process SIGKILLed. Each ends with exactly N finished trials, nothing RUNNING in
+Optuna or MLflow, and no finished result lost."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from sweepbench.study import RETRY_HISTORY, RUN_ID_ATTR, WORKER_ATTR, normalize_storage_url
+from tests.conftest import free_port, mlflow_server
+from tests.test_study import assert_exactly, sqlite_storage, sqlite_tracking, study_args, write_spec
+
+pytestmark = pytest.mark.slow
+
+PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
+MLFLOW_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}
+# Short budgets, so that an outage of a few seconds outlasts both MLflow's own retries and ours.
+SHORT_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "SWEEPBENCH_RETRY_SECONDS": "3"}
+
+
+class PrivatePostgres:
+    """A PostgreSQL instance of the test's own (``initdb``/``pg_ctl`` as the postgres user, its own port and
+    folder), so the test can stop and restart it."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.port = folder, free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self._as_postgres(PG_BIN / "initdb", "-D", self.folder / "data", "-A", "trust", "-U", "postgres")
+
+    def _as_postgres(self, *command: object) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", *map(str, command)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+
+    def _pg_ctl(self, *args: str) -> None:
+        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1"
+        self._as_postgres(PG_BIN / "pg_ctl", "-D", self.folder / "data", "-o", options, "-l",
+                          self.folder / "server.log", "-w", *args)
+
+    def start(self) -> None:
+        self._pg_ctl("start")
+
+    def stop(self) -> None:
+        self._pg_ctl("-m", "fast", "stop")
+
+    def restart(self) -> None:
+        self._pg_ctl("-m", "fast", "restart")
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    if PG_BIN is None or shutil.which("runuser") is None or os.geteuid() != 0:
+        pytest.skip("needs PostgreSQL's initdb/pg_ctl and root (to run them as the postgres user)")
+    folder = Path(tempfile.mkdtemp(prefix="sweepbench-pg-"))
+    shutil.chown(folder, "postgres", "postgres")
+    server = PrivatePostgres(folder)
+    server.start()
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def start_study(args: tuple[str, ...], cwd: Path, env: dict | None = None,
+                stdout: int | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "sweepbench.cli", *args], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE if stdout is None else stdout, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})})
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 180, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            output = process.communicate()[0] if process.stdout else ""
+            raise AssertionError(f"the command ended before {what}:\n{output}")
+        with contextlib.suppress(Exception):
+            value = condition()
+            if value:
+                return value
+        time.sleep(0.1)
+    raise AssertionError(f"no {what} within {timeout} s")
+
+
+def running_trial(storage_url: str, name: str, other_than: int | None = None) -> optuna.trial.FrozenTrial | None:
+    """A trial in the middle of training (RUNNING, its MLflow run linked)."""
+    study = optuna.load_study(study_name=name, storage=storage_url)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if RUN_ID_ATTR in trial.user_attrs and trial.number != other_than:
+            return trial
+    return None
+
+
+def assert_nothing_lost(storage_url: str, name: str, tracking_uri: str, n_trials: int) -> optuna.Study:
+    """Exactly ``n_trials`` finished, none RUNNING; every FAIL was queued again (none counts as a real
+    failure); no MLflow run RUNNING; every finished trial has a child run in the status that matches."""
+    study = optuna.load_study(study_name=name, storage=storage_url)
+    assert_exactly(study, n_trials)
+    retried = {number for trial in study.trials for number in trial.system_attrs.get(RETRY_HISTORY, [])}
+    failed = [trial.number for trial in study.get_trials(states=(TrialState.FAIL,))]
+    assert set(failed) <= retried, f"trials {failed} failed for good; retried: {sorted(retried)}"
+    client = MlflowClient(tracking_uri)
+    experiment_id = client.get_experiment_by_name(name).experiment_id
+    runs = client.search_runs([experiment_id], max_results=1000)
+    assert not [run.info.run_name for run in runs if run.info.status == "RUNNING"]
+    by_number: dict[int, list] = {}
+    for run in runs:
+        if "optuna.trial_number" in run.data.tags:
+            by_number.setdefault(int(run.data.tags["optuna.trial_number"]), []).append(run)
+    for trial in study.get_trials(states=tuple(MLFLOW_STATUS)):
+        statuses = {run.info.status for run in by_number.get(trial.number, [])}
+        assert MLFLOW_STATUS[trial.state] in statuses, (trial.number, trial.state, statuses)
+    return study
+
+
+def test_a_postgresql_restart_and_an_outage_longer_than_the_grace_period_lose_nothing(
+        tmp_path: Path, data_dir: Path, private_postgres: PrivatePostgres) -> None:
+    spec = write_spec(tmp_path, "blink", n_trials=6, epochs=4, subset=8000, pruner="none")
+    args = study_args(spec, data_dir, "--storage", private_postgres.url, "--workers", "2",
+                      "--heartbeat-interval", "1")
+    storage = normalize_storage_url(private_postgres.url)
+    process = start_study(args, tmp_path, {"SWEEPBENCH_RETRY_SECONDS": "60"})
+    first = wait_for(lambda: running_trial(storage, "blink"), process, what="running trial")
+    private_postgres.restart()  # a blink: a fraction of a second
+    wait_for(lambda: running_trial(storage, "blink", other_than=first.number), process, what="second trial")
+    private_postgres.stop()
+    time.sleep(5)  # longer than the grace period of three 1 s heartbeats
+    private_postgres.start()
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output
+    assert "study storage unreachable" in output and "study storage back after" in output, output
+    assert "Traceback" not in output, output
+    assert_nothing_lost(storage, "blink", sqlite_tracking(tmp_path), 6)
+
+
+class RestartableServer:
+    """A real ``mlflow server`` on a fixed port with its store in one folder, so it can stop and come back."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.port = folder, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._running: contextlib.ExitStack | None = None
+
+    def start(self) -> None:
+        self._running = contextlib.ExitStack()
+        self._running.enter_context(mlflow_server(self.folder, port=self.port))
+
+    def stop(self) -> None:
+        if self._running is not None:
+            self._running.close()
+            self._running = None
+
+
+@pytest.fixture
+def restartable_server(tmp_path: Path) -> Iterator[RestartableServer]:
+    folder = tmp_path / "server"
+    folder.mkdir()
+    server = RestartableServer(folder)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_a_tracking_server_down_for_longer_than_all_retries_loses_no_trial_and_no_run(
+        tmp_path: Path, data_dir: Path, restartable_server: RestartableServer) -> None:
+    spec = write_spec(tmp_path, "outage", n_trials=5, epochs=6, subset=10000, pruner="none")
+    args = study_args(spec, data_dir, "--tracking-uri", restartable_server.url, "--heartbeat-interval", "1")
+    storage = sqlite_storage(tmp_path, "outage")
+    process = start_study(args, tmp_path, SHORT_RETRIES)
+    first = wait_for(lambda: running_trial(storage, "outage"), process, what="running trial")
+    restartable_server.stop()
+    wait_for(lambda: optuna.load_study(study_name="outage", storage=storage).trials[first.number].state.is_finished(),
+             process, what="a trial finished while the server is down")
+    restartable_server.start()  # about 10 s after it stopped
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output
+    assert "MLflow tracking store unreachable" in output, output
+    assert "Traceback" not in output, output
+    assert_nothing_lost(storage, "outage", restartable_server.url, 5)
+
+
+def test_a_closed_stdout_and_then_ctrl_c_fail_no_trial_and_leave_nothing_running(
+        tmp_path: Path, data_dir: Path, restartable_server: RestartableServer) -> None:
+    """``sweepbench study run ... | head -1``, then Ctrl-C: MLflow prints nothing into the closed pipe while it
+    ends a run, so the interrupt stays an interrupt (the trial queued again), and the rerun completes."""
+    spec = write_spec(tmp_path, "piped", n_trials=3, epochs=4, subset=8000, pruner="none")
+    args = study_args(spec, data_dir, "--tracking-uri", restartable_server.url)
+    storage = sqlite_storage(tmp_path, "piped")
+    log = (tmp_path / "stderr.log").open("w")
+    process = subprocess.Popen([sys.executable, "-m", "sweepbench.cli", *args], cwd=tmp_path, text=True,
+                               stdout=subprocess.PIPE, stderr=log)
+    assert process.stdout.readline().startswith("study piped")
+    process.stdout.close()  # like `| head -1`
+    victim = wait_for(lambda: running_trial(storage, "piped"), process, what="running trial")
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 128 + signal.SIGINT, (tmp_path / "stderr.log").read_text()
+    errors = (tmp_path / "stderr.log").read_text()
+    assert "BrokenPipeError" not in errors and "Traceback" not in errors, errors
+    study = optuna.load_study(study_name="piped", storage=storage)
+    assert study.trials[victim.number].state == TrialState.FAIL
+    run = MlflowClient(restartable_server.url).get_run(victim.user_attrs[RUN_ID_ATTR])
+    assert run.info.status == "KILLED" and "interrupted" in run.data.tags["stop_reason"]
+    rerun = subprocess.run([sys.executable, "-m", "sweepbench.cli", *args], cwd=tmp_path, text=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert_nothing_lost(storage, "piped", restartable_server.url, 3)
+
+
+def test_a_worker_paused_past_its_grace_period_stops_its_stale_trial_quietly(tmp_path: Path,
+                                                                            data_dir: Path) -> None:
+    spec = write_spec(tmp_path, "paused", n_trials=5, epochs=6, subset=10000, pruner="none")
+    args = study_args(spec, data_dir, "--workers", "2", "--heartbeat-interval", "1")
+    storage = sqlite_storage(tmp_path, "paused")
+    process = start_study(args, tmp_path)
+    victim = wait_for(lambda: running_trial(storage, "paused"), process, what="running trial")
+    worker_pid = int(victim.user_attrs[WORKER_ATTR].rsplit(":", 1)[1])
+    os.kill(worker_pid, signal.SIGSTOP)
+    time.sleep(8)  # the grace period is 3 s; the other worker marks the trial stale between its trials
+    os.kill(worker_pid, signal.SIGCONT)
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output  # the paused worker did not crash
+    study = assert_nothing_lost(storage, "paused", sqlite_tracking(tmp_path), 5)
+    assert study.trials[victim.number].state == TrialState.FAIL, output
+    assert "stops it and moves on" in output, output
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_workers_stop_with_their_sigkilled_parent_and_the_rerun_reconciles(tmp_path: Path,
+                                                                          data_dir: Path) -> None:
+    spec = write_spec(tmp_path, "orphans", n_trials=4, epochs=8, subset=20000, pruner="none")
+    args = study_args(spec, data_dir, "--workers", "2", "--heartbeat-interval", "1")
+    storage = sqlite_storage(tmp_path, "orphans")
+    process = start_study(args, tmp_path, stdout=subprocess.DEVNULL)
+    victim = wait_for(lambda: running_trial(storage, "orphans"), process, what="running trial")
+    worker_pid = int(victim.user_attrs[WORKER_ATTR].rsplit(":", 1)[1])
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 30
+    while _alive(worker_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(worker_pid), "the worker outlived its parent"
+    study = optuna.load_study(study_name="orphans", storage=storage)
+    assert not study.get_trials(states=(TrialState.RUNNING,)), "workers end their trials like Ctrl-C"
+    rerun = subprocess.run([sys.executable, "-m", "sweepbench.cli", *args], cwd=tmp_path, text=True,
+                           capture_output=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert_nothing_lost(storage, "orphans", sqlite_tracking(tmp_path), 4)
+    parent = [run for run in MlflowClient(sqlite_tracking(tmp_path)).search_runs(
+        [MlflowClient(sqlite_tracking(tmp_path)).get_experiment_by_name("orphans").experiment_id])
+        if run.data.tags.get("sweepbench.kind") == "study"]
+    assert [run.info.status for run in parent] == ["FINISHED"]
+
+
+def test_workers_started_with_other_heartbeat_intervals_use_the_studys(tmp_path: Path, data_dir: Path) -> None:
+    spec = write_spec(tmp_path, "beats", n_trials=1, epochs=1, subset=1000)
+    first = subprocess.run([sys.executable, "-m", "sweepbench.cli", *study_args(spec, data_dir),
+                            "--heartbeat-interval", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    second = subprocess.run([sys.executable, "-m", "sweepbench.cli", *study_args(spec, data_dir, "--n-trials", "2"),
+                             "--heartbeat-interval", "7"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "heartbeat interval: using the study's 2 s, not 7 s" in second.stderr
+    study = optuna.load_study(study_name="beats", storage=sqlite_storage(tmp_path, "beats"))
+    assert study.user_attrs["heartbeat_interval"] == 2
+    assert_exactly(study, 2)
+
+
+@pytest.mark.parametrize("policy", ["best", "all", "none"])
+def test_a_study_keeps_the_checkpoints_its_spec_asks_for(tmp_path: Path, data_dir: Path, policy: str) -> None:
+    spec = write_spec(tmp_path, "kept", n_trials=3, epochs=2, subset=2000, pruner="none")
+    spec.write_text(spec.read_text().replace("[budget]", f'[budget]\nkeep_checkpoints = "{policy}"'))
+    completed = subprocess.run([sys.executable, "-m", "sweepbench.cli", *study_args(spec, data_dir)],
+                               cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    study = optuna.load_study(study_name="kept", storage=sqlite_storage(tmp_path, "kept"))
+    root = tmp_path / "mlruns" / "studies" / "kept"
+    kept = sorted(str(path.relative_to(root)) for path in root.rglob("*.pt"))
+    expected = {"best": [f"trial-{study.best_trial.number:04d}/best.pt"], "none": [],
+                "all": [f"trial-{number:04d}/{name}" for number in range(3) for name in ("best.pt", "last.pt")]}
+    assert kept == expected[policy]
