@@ -75,6 +75,14 @@ TRAIN_CASES = {  # name: (train arguments, what the one line says)
     "batch size text": (["--set", "batch_size=big"], r"batch_size: expected an integer, got 'big'"),
     "checkpoint dir in /proc": (["--checkpoint-dir", "/proc/x"], r"--checkpoint-dir: cannot write in /proc/x: "
                                                                  r"nothing can be created in /proc"),
+    "one seed": (["--seeds", "3"], r"--seeds: '3' must list 2 to 1024 distinct seeds >= 0"),
+    "seeds not numbers": (["--seeds", "a,b"], r"--seeds: 'a,b' is not a comma-separated list of integers"),
+    "seed twice": (["--seeds", "0,0"], r"--seeds: '0,0' must list 2 to 1024 distinct seeds"),
+    "negative seed": (["--seeds", "0,-1"], r"--seeds: '0,-1' must list 2 to 1024 distinct seeds >= 0"),
+    "seeds with torchvision": (["--seeds", "0,1", "--loader", "torchvision"],
+                               r"loader: member 0 has 'torchvision'; fused training batches on the device"),
+    "seeds with fp16": (["--seeds", "0,1", "--precision", "fp16"], r"precision: member 0 has 'fp16'; fp16 needs a"),
+    "seeds with compile": (["--seeds", "0,1", "--compile"], r"compile: member 0 has True; fused training runs"),
 }
 DATA_CASES = {  # name: (how to spoil the file, what the one line says)
     "truncated npz": (lambda folder: (folder.mkdir(parents=True), (folder / "mnist.npz").write_bytes(
@@ -100,6 +108,11 @@ SPEC_CASES = {  # name: (spec text, what the one line says)
                                  r"model: 'mnist_mlp' takes images of shape"),
     "dropout -3 fixed": (spec(top='[train]\nmodel_kwargs = { dropout = -3.0 }'),
                          r"train.model_kwargs.dropout: -3.0 is out of range"),
+    "pack 0": (spec(budget="pack = 0"), r"budget.pack: 0 is out of range; it must be >= 1"),
+    "pack with torchvision": (spec(top='[train]\nloader = "torchvision"', budget="pack = 4"),
+                              r"budget.pack: 4 trains trials fused, which needs loader = 'device'"),
+    "keep checkpoints some": (spec(budget='keep_checkpoints = "some"'),
+                              r"budget.keep_checkpoints: 'some' is not allowed; choose one of: best, all, none"),
 }
 
 

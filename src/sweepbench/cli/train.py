@@ -15,6 +15,9 @@ from .options import add_config_flags, add_data_args, add_tracking_args, config_
 def add_train_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("train", help="train one model with the one engine")
     add_config_flags(parser)
+    parser.add_argument("--seeds", metavar="S1,S2,...",
+                        help="train the run at each of these seeds at once, fused as one stacked model, and end "
+                             "with the mean and spread across seeds (e.g. 0,1,2,3,4)")
     parser.add_argument("--json", action="store_true", help="end stdout with one JSON line")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")
     add_data_args(parser)
@@ -29,6 +32,10 @@ def _train(args: argparse.Namespace) -> int:
     config, checkpoint = config_from_args(args), None
     if config.checkpoint_dir:
         writable_folder("--checkpoint-dir", config.checkpoint_dir)
+    if args.seeds:
+        from .seeds import train_seeds
+
+        return train_seeds(args, config)
     if config.resume:  # every check of the checkpoint comes before any data loads or MLflow run starts
         checkpoint = load_checkpoint(config.resume)
         given = {f.name for f in config_fields() if getattr(args, f.name) not in (None, [])} | \
@@ -44,14 +51,29 @@ def _train(args: argparse.Namespace) -> int:
         logger = MlflowLogger(args.experiment, args.tracking_uri)
         if checkpoint is not None:
             print(f"sweepbench: note: --resume: {logger.continue_from(checkpoint, config)}", file=sys.stderr)
+        _reconcile_experiment(logger)
         result, run_id = train_tracked(config, logger, [ProgressBar()]), logger.run_id
     print(format_summary(result.summary()))
+    if not args.no_mlflow and logger.outage:
+        print(f"sweepbench: error: the run was not logged to its end: {logger.outage}; `sweepbench runs "
+              "reconcile` ends it once the store answers", file=sys.stderr)
+        return 1
     if run_id:
         print(f"mlflow run      {run_id} in experiment {logger.experiment!r} at {logger.tracking_uri}")
         print(f"browse          {browse_hint(logger.tracking_uri, logger.store.experiment_id_of(run_id))}")
     if args.json:
         print(json.dumps({**result.summary(), "mlflow_run_id": run_id}))
     return 0 if result.status == "completed" else 1
+
+
+def _reconcile_experiment(logger) -> None:
+    """Ends KILLED the experiment's runs left RUNNING by a process of this host that is gone (SIGKILL, a crash),
+    one line each: nothing else would ever end them."""
+    from ..tracking import reconcile_experiment
+
+    for run in reconcile_experiment(logger.store, logger.experiment):
+        if run.ended:
+            print(f"sweepbench: note: {run.describe()}", file=sys.stderr)
 
 
 def _percent(value: float | None) -> str:

@@ -35,7 +35,7 @@ SPREADS = {
 }
 # Settings that change what a run measures: runs that differ in one are never pooled in a row.
 SPLIT_SETTINGS = ("dataset", "model", "epochs", "batch_size", "train_subset", "val_size", "device", "precision",
-                  "loader", "compile", "augment")
+                  "loader", "compile", "augment", "sweepbench.fused")  # a fused run's epoch times are its pack's
 # Settings whose differences do not change what is measured, or that differ between repeats by design.
 POOLED_SETTINGS = ("seed", "data_dir", "download", "checkpoint_dir", "resume", "eval_batch_size")
 DEFAULT_BASELINE = (("device", "cpu"), ("precision", "fp32"), ("loader", "torchvision"), ("compile", "False"))
