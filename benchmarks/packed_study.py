@@ -33,9 +33,11 @@ def run_study(spec: Path, pack: int, args: argparse.Namespace) -> tuple[float, o
     command = [sys.executable, "-m", "sweepbench.cli", "study", "run", str(spec), "--pack", str(pack),
                "--data-dir", str(Path(args.data_dir).resolve()), "--n-trials", str(args.n_trials)]
     started = time.perf_counter()
-    subprocess.run(command, cwd=project, check=True, stdout=subprocess.DEVNULL,
-                   env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlruns/mlflow.db"})
+    completed = subprocess.run(command, cwd=project, capture_output=True, text=True,
+                               env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlruns/mlflow.db"})
     wall = time.perf_counter() - started
+    if completed.returncode != 0:
+        sys.exit(f"study run --pack {pack} failed:\n{completed.stderr}")
     name = load_spec(spec).name
     return wall, optuna.load_study(study_name=name, storage=f"sqlite:///{project}/mlruns/studies/{name}.db")
 

@@ -41,16 +41,15 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
-from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from .. import engine
 from ..config import ConfigError
+from ..retry import ServiceUnavailable
 from .job import StudyJob, redact
 from .spec import StudySpec
-from ..retry import ServiceUnavailable
-from .storage import (FAILURE_ATTR, INFRASTRUCTURE, PARENT_RUN_ATTR, RETRY_HISTORY, SEED_CLAIM_ATTR, _quiet,
-                      open_storage, storage_lock)
+from .storage import (FAILURE_ATTR, INFRASTRUCTURE, PARENT_RUN_ATTR, RETRY_HISTORY, SEED_CLAIM_ATTR,
+                      RetryingStorage, _quiet, open_storage, storage_lock)
 from .trial import run_trials
 
 POLL_SECONDS = 1.0
@@ -116,7 +115,7 @@ def _mixed_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
-def load_study(job: StudyJob, storage: RDBStorage, worker_index: int | None = None) -> optuna.Study:
+def load_study(job: StudyJob, storage: RetryingStorage, worker_index: int | None = None) -> optuna.Study:
     """Creates the study, or loads it to resume; its directions must match the spec's. A worker (``worker_index``
     given) gets the spec's sampler with its own seed; without one the study is only read and written to."""
     spec = job.spec
@@ -183,7 +182,7 @@ def run_worker(job: StudyJob, worker_index: int = 0) -> None:
             time.sleep(POLL_SECONDS)
 
 
-def _ask(study: optuna.Study, storage: RDBStorage) -> optuna.Trial:
+def _ask(study: optuna.Study, storage: RetryingStorage) -> optuna.Trial:
     """A new (or queued) trial, with its first heartbeat at once: a trial without one never goes stale."""
     with _quiet():
         trial = study.ask()

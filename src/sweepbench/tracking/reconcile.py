@@ -16,7 +16,7 @@ from pathlib import Path
 from mlflow.entities import Run
 
 from .schema import KIND_TAG
-from .store import Store, sqlite_path
+from .store import SEARCH_LIMIT, Store, sqlite_path
 
 HOST_TAG = "sweepbench.host"
 PID_TAG = "sweepbench.pid"
@@ -24,7 +24,6 @@ PID_STARTED_TAG = "sweepbench.pid_started"  # field 22 of /proc/<pid>/stat: cloc
 STUDY_TRIAL_KIND = "trial"
 GONE_STATES = ("Z", "X")  # a zombie has exited; only its exit status is left for its parent to read
 RUNNING_FILTER = "attributes.status = 'RUNNING'"
-SEARCH_LIMIT = 50_000  # MLflow's most runs per search; RUNNING runs are far fewer
 
 
 def process_tags() -> dict[str, str]:

@@ -251,12 +251,10 @@ class Store:
     def experiment_id_of(self, run_id: str) -> str:
         return self.client.get_run(run_id).info.experiment_id
 
-    def child_runs(self, experiment_ids: list[str], parent_run_id: str, status: str | None = None) -> list[Any]:
-        """The runs of these experiments under ``parent_run_id`` (with ``status`` only, when given)."""
-        clauses = [f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}'"]
-        if status:
-            clauses.append(f"attributes.status = '{status}'")
-        return list(self.client.search_runs(experiment_ids, " and ".join(clauses), max_results=SEARCH_LIMIT))
+    def child_runs(self, experiment_ids: list[str], parent_run_id: str) -> list[Any]:
+        """The runs of these experiments under ``parent_run_id``."""
+        query = f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}'"
+        return list(self.client.search_runs(experiment_ids, query, max_results=SEARCH_LIMIT))
 
     @contextlib.contextmanager
     def lifecycle(self, run_id: str) -> Iterator[RunOutcome]:
