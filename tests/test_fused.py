@@ -9,6 +9,7 @@ import torch
 from sweepbench.config import ConfigError, RunConfig, field_names
 from sweepbench.engine import Callback, StopTraining, load_checkpoint, pack_groups, pack_key, train, train_fused
 from sweepbench.engine.fused.pack import MEMBER_FIELDS, OTHER_FIELDS, SHARED_FIELDS
+from tests.conftest import requires_cuda
 
 # One member per row: different seeds, learning rates, weight decays and schedules.
 MEMBER_SETTINGS = {
@@ -251,3 +252,14 @@ def test_augmented_cifar_members_get_their_solo_crops_and_flips(data_dir):
                          augment=True, device="cpu", seed=seed) for seed in range(2)]
     for config, result in zip(configs, train_fused(configs)):
         assert_trains_like_solo(result, train(config))
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("optimizer", ["adam", "adadelta"])
+def test_a_pack_on_the_gpu_trains_like_its_solo_runs(data_dir, optimizer):
+    """Not run in this project's CI (no GPU): the CUDA path of the stack, the stacked optimizers and the batches."""
+    configs = members(data_dir, optimizer, device="cuda")
+    for config, result in zip(configs, train_fused(configs, [[] for _ in configs])):
+        assert result.device == "cuda"
+        assert_trains_like_solo(result, train(config), rtol=1e-3, atol=1e-3)
