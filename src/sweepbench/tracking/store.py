@@ -94,11 +94,10 @@ def _message(text: str) -> str:
 
 
 TRACKING_RETRY = RetryPolicy("MLflow tracking store")
-# MLflow's own HTTP retries would wait about 4 minutes, and each request up to 120 s, before ``TRACKING_RETRY``
-# (which logs the incident and tells a trial's outage from its failure) sees an error: a few quick tries instead.
-# Set in the environment, they win.
+# MLflow's own HTTP retries would wait about 4 minutes before ``TRACKING_RETRY`` (which logs the incident and
+# tells a trial's outage from its failure) sees an error: a few quick tries instead. Its request timeout (120 s) is
+# kept: artifact uploads go through it. Set in the environment, they win.
 MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
                         # MLflow prints "View run ..." to stdout as it ends a run: into a closed pipe
                         # (``| head``), that BrokenPipeError would replace Ctrl-C and fail the trial.
                         "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
