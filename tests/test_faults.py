@@ -242,6 +242,13 @@ def test_a_worker_paused_past_its_grace_period_stops_its_stale_trial_quietly(tmp
     assert "stops it and moves on" in output, output
 
 
+def _worker_pids(parent_pid: int) -> list[int]:
+    """The worker processes multiprocessing spawned for ``parent_pid`` (not its resource tracker)."""
+    children = subprocess.run(["pgrep", "-P", str(parent_pid)], capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in children
+            if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -256,14 +263,15 @@ def test_workers_stop_with_their_sigkilled_parent_and_the_rerun_reconciles(tmp_p
     args = study_args(spec, data_dir, "--workers", "2", "--heartbeat-interval", "1")
     storage = sqlite_storage(tmp_path, "orphans")
     process = start_study(args, tmp_path, stdout=subprocess.DEVNULL)
-    victim = wait_for(lambda: running_trial(storage, "orphans"), process, what="running trial")
-    worker_pid = int(victim.user_attrs[WORKER_ATTR].rsplit(":", 1)[1])
+    wait_for(lambda: running_trial(storage, "orphans"), process, what="running trial")
+    workers = wait_for(lambda: len(_worker_pids(process.pid)) == 2 and _worker_pids(process.pid), process,
+                       what="both workers")
     process.kill()
     process.wait()
     deadline = time.monotonic() + 30
-    while _alive(worker_pid) and time.monotonic() < deadline:
+    while any(map(_alive, workers)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _alive(worker_pid), "the worker outlived its parent"
+    assert not any(map(_alive, workers)), "a worker outlived its parent"
     study = optuna.load_study(study_name="orphans", storage=storage)
     assert not study.get_trials(states=(TrialState.RUNNING,)), "workers end their trials like Ctrl-C"
     rerun = subprocess.run([sys.executable, "-m", "sweepbench.cli", *args], cwd=tmp_path, text=True,

@@ -1,9 +1,10 @@
 """The one retry policy for calls to the services a run depends on (the study's storage, the MLflow tracking
 store): a transient fault (a refused or dropped connection, a database restarting, a busy SQLite file, a
 tracking server answering 5xx) is retried with exponential backoff for up to ``SWEEPBENCH_RETRY_SECONDS``
-(default 120) per incident, logged in one line when it starts and one when the service is back. Any other error
+(default 120) per call, logged in one line when an incident starts and one when the service is back. Any other error
 is raised at once; a fault that outlasts the budget is raised as ``ServiceUnavailable``, one line naming the
-service and the last error, which callers tell apart from a failure of the trial itself."""
+service and the last error, which callers tell apart from a failure of the trial itself. Ctrl-C and SIGTERM wait
+for the end of a call (``engine.interrupts.uninterrupted``), never cutting one in half."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
+
+from .engine.interrupts import uninterrupted
 
 log = logging.getLogger("sweepbench.retry")
 
@@ -112,7 +115,8 @@ class RetryPolicy:
         delay, attempts = self.first_delay, 0
         while True:
             try:
-                result = function(*args, **kwargs)
+                with uninterrupted():
+                    result = function(*args, **kwargs)
             except Exception as exc:
                 if not is_transient(exc):
                     raise

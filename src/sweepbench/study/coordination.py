@@ -50,7 +50,7 @@ from .job import StudyJob, redact
 from .spec import StudySpec
 from .storage import (FAILURE_ATTR, INFRASTRUCTURE, PARENT_RUN_ATTR, RETRY_HISTORY, SEED_CLAIM_ATTR,
                       RetryingStorage, _quiet, open_storage, storage_lock)
-from .trial import run_trials
+from .trial import release, run_trials
 
 POLL_SECONDS = 1.0
 PARENT_CHECK_SECONDS = 1.0
@@ -171,11 +171,17 @@ def run_worker(job: StudyJob, worker_index: int = 0) -> None:
     deadline = None if job.spec.timeout is None else time.monotonic() + job.spec.timeout
     while deadline is None or time.monotonic() < deadline:
         _fail_stale_trials(study)
-        with storage_lock(job.storage_url):
-            tally = Tally.of(study.get_trials(deepcopy=False))
-            if tally.settled(job.spec):
-                return
-            trials = [_ask(study, storage) for _ in range(min(job.spec.pack, tally.slots(job.spec)))]
+        trials: list[optuna.Trial] = []
+        try:
+            with storage_lock(job.storage_url):
+                tally = Tally.of(study.get_trials(deepcopy=False))
+                if tally.settled(job.spec):
+                    return
+                for _ in range(min(job.spec.pack, tally.slots(job.spec))):
+                    trials.append(_ask(study, storage))
+        except KeyboardInterrupt as interrupt:
+            release(study, trials, engine.interrupt_message(interrupt))
+            raise
         if trials:
             run_trials(study, trials, job, storage, parent_run_id)
         else:

@@ -167,10 +167,23 @@ def run_trials(study: optuna.Study, trials: Sequence[optuna.Trial], job: StudyJo
     """Trains reserved trials and tells the study how each ended: those that can share a pack (``engine.fused``)
     train fused when the spec's ``pack`` is above 1, the others one by one; every trial keeps its heartbeat until
     it is told. A trial whose parameters make no valid config FAILs at once."""
-    members = [member for member in (_prepare(study, trial, job, parent_run_id) for trial in trials) if member]
-    with _heartbeat(storage, [trial._trial_id for trial in trials], job.heartbeat_interval):
-        for group in engine.pack_groups([member.config for member in members]):
-            _train_group(study, [members[index] for index in group], job, parent_run_id)
+    try:
+        members = [member for member in (_prepare(study, trial, job, parent_run_id) for trial in trials) if member]
+        with _heartbeat(storage, [trial._trial_id for trial in trials], job.heartbeat_interval):
+            for group in engine.pack_groups([member.config for member in members]):
+                _train_group(study, [members[index] for index in group], job, parent_run_id)
+    except KeyboardInterrupt as interrupt:
+        release(study, trials, engine.interrupt_message(interrupt))
+        raise
+
+
+def release(study: optuna.Study, trials: Sequence[optuna.Trial], message: str) -> None:
+    """Ctrl-C or SIGTERM before or between trainings: the reserved trials still RUNNING (not started yet, or
+    waiting for their pack) FAIL with ``message`` and are queued again, as an interrupted training's are."""
+    for trial in trials:
+        if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+            trial.set_user_attr(ERROR_ATTR, message)
+            retry_trial(study, study.tell(trial, state=TrialState.FAIL))
 
 
 def _prepare(study: optuna.Study, trial: optuna.Trial, job: StudyJob, parent_run_id: str) -> Member | None:
