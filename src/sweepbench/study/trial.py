@@ -27,8 +27,8 @@ from ..tracking import MlflowLogger, Store, config_params
 from .checkpoints import keep_checkpoints, trial_checkpoint_dir
 from .job import StudyJob
 from .spec import EPOCH_METRICS, ParamSpec, StudySpec
-from .storage import (ERROR_ATTR, FAILURE_ATTR, INFRASTRUCTURE, RUN_ID_ATTR, WORKER_ATTR, RetryingStorage,
-                      _heartbeat, retry_trial)
+from .storage import (ERROR_ATTR, FAILURE_ATTR, INFRASTRUCTURE, MAX_RETRIES, RUN_ID_ATTR, WORKER_ATTR,
+                      RetryingStorage, _heartbeat, retry_trial)
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,10 @@ class TrialCallback(engine.Callback):
     def _link_run(self) -> None:
         """The trial's link to its MLflow run, once the run exists (late, when the tracking store was down)."""
         if self.logger.run_id and self.trial.user_attrs.get(RUN_ID_ATTR) != self.logger.run_id:
-            self.trial.set_user_attr(RUN_ID_ATTR, self.logger.run_id)
+            try:
+                self.trial.set_user_attr(RUN_ID_ATTR, self.logger.run_id)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                self.stale = True
 
     def on_epoch_end(self, context: engine.TrainContext, record: engine.EpochRecord) -> None:
         with self._timed():
@@ -145,12 +148,25 @@ def _record_result(trial: optuna.Trial, result: engine.RunResult, callback: Tria
 
 
 def _fail(study: optuna.Study, trial: optuna.Trial, job: StudyJob, callback: TrialCallback, parent_run_id: str,
-          message: str) -> FrozenTrial:
-    trial.set_user_attr(ERROR_ATTR, message[:MLFLOW_TEXT_LIMIT])
-    if callback.logger.run_id is None:
-        _record_failed_run(job, trial, parent_run_id, message)
-    log.warning(f"trial {trial.number} FAIL {trial.params}: {message}")
-    return study.tell(trial, state=TrialState.FAIL)
+          message: str) -> FrozenTrial | None:
+    """Tells the study the trial FAILed with ``message``; None when another worker already failed it as stale
+    (and queued it again)."""
+    try:
+        trial.set_user_attr(ERROR_ATTR, message[:MLFLOW_TEXT_LIMIT])
+        if callback.logger.run_id is None:
+            _record_failed_run(job, trial, parent_run_id, message)
+        log.warning(f"trial {trial.number} FAIL {trial.params}: {message}")
+        return study.tell(trial, state=TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        log.warning(f"trial {trial.number}: {STALE_MESSAGE}")
+        return None
+
+
+def _fail_and_retry(study: optuna.Study, trial: optuna.Trial, job: StudyJob, callback: TrialCallback,
+                    parent_run_id: str, message: str, max_retries: int | None = MAX_RETRIES) -> None:
+    failed = _fail(study, trial, job, callback, parent_run_id, message)
+    if failed is not None:
+        retry_trial(study, failed, max_retries)
 
 
 @dataclass
@@ -219,8 +235,8 @@ def _train_group(study: optuna.Study, group: Sequence[Member], job: StudyJob, pa
         results = _train(group, job.spec.pack)
     except KeyboardInterrupt as interrupt:
         for member in group:
-            retry_trial(study, _fail(study, member.trial, job, member.callback, parent_run_id,
-                                     engine.interrupt_message(interrupt)))
+            _fail_and_retry(study, member.trial, job, member.callback, parent_run_id,
+                            engine.interrupt_message(interrupt))
         raise
     except ServiceUnavailable as exc:
         for member in group:
@@ -255,7 +271,7 @@ def _fail_for_infrastructure(study: optuna.Study, trial: optuna.Trial, job: Stud
     stays RUNNING until its heartbeats go stale, and is queued again then."""
     try:
         trial.set_user_attr(FAILURE_ATTR, INFRASTRUCTURE)
-        retry_trial(study, _fail(study, trial, job, callback, parent_run_id, str(error)), max_retries=None)
+        _fail_and_retry(study, trial, job, callback, parent_run_id, str(error), max_retries=None)
     except (ServiceUnavailable, optuna.exceptions.UpdateFinishedTrialError):
         pass
 
