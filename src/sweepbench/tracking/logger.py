@@ -17,12 +17,12 @@ from mlflow.exceptions import MlflowException
 
 from .. import retry
 from ..config import RunConfig
-from ..retry import ServiceUnavailable
 from ..engine import Callback, EpochRecord, RunResult, TrainContext, normalise, train
 from ..engine.checkpoint import LOCATION_FIELDS, TRACKING_KEY
 from ..hardware import environment_record
-from .schema import KIND_TAG, config_params, training_tags
+from ..retry import ServiceUnavailable
 from .reconcile import process_tags
+from .schema import KIND_TAG, config_params, training_tags
 from .store import TRACKING_URI_ENV, Store, as_metrics
 
 log = logging.getLogger(__name__)
@@ -216,8 +216,7 @@ class MlflowLogger(Callback):
         retry budget). A store still (or newly) down leaves ``outage`` set and the run RUNNING, for
         ``sweepbench runs reconcile`` or the study's reconciliation: the result itself is never lost to it."""
         if self.outage is not None and not self._catch_up(context, retry.retry_budget()):
-            log.warning(f"{self.run_name or 'run'}: not logged to its end, the MLflow tracking store is still "
-                        "unreachable; the next study run (or `sweepbench runs reconcile`) completes it")
+            self._warn_unfinished()
             return
         if self.run_id is None:
             return
@@ -226,8 +225,13 @@ class MlflowLogger(Callback):
             self._end_run(context, result)
         except ServiceUnavailable as outage:
             self._defer(outage)
+            self._warn_unfinished()
         finally:
             self.end_logging_seconds = time.perf_counter() - started
+
+    def _warn_unfinished(self) -> None:
+        log.warning(f"{self.run_name or 'run'}: not logged to its end, the MLflow tracking store is unreachable; "
+                    "the next study run (or `sweepbench runs reconcile`) completes it")
 
     def _end_run(self, context: TrainContext, result: RunResult) -> None:
         status, tags = RUN_STATUS.get(result.status, "FAILED"), {"status": result.status}
