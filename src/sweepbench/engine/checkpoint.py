@@ -20,6 +20,7 @@ import torch
 
 from ..config import KWARGS_FIELDS, ConfigError, RunConfig, field_names
 from ..models import get_model_entry
+from .interrupts import uninterrupted
 from .results import EpochRecord
 
 if TYPE_CHECKING:
@@ -124,14 +125,16 @@ class DiskFullError(OSError):
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Writes atomically: a reader sees the old file or the new one, never half of one. The partial file is
-    removed on any error, Ctrl-C included (left behind, it would keep a full disk full); running out of space is
-    raised as ``DiskFullError``."""
+    removed on any error (left behind, it would keep a full disk full); running out of space is raised as
+    ``DiskFullError``. Ctrl-C or SIGTERM waits for the write to end: torch turns an interrupt raised inside its
+    writes to a Python file into a RuntimeError, which would fail the run instead of interrupting it."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with partial.open("wb") as file:  # a Python file: its ENOSPC OSError stays in torch's error's context
-            torch.save(state, file)
-        os.replace(partial, path)
+        with uninterrupted():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with partial.open("wb") as file:  # a Python file: its ENOSPC OSError stays in torch's error's context
+                torch.save(state, file)
+            os.replace(partial, path)
     except BaseException as exc:
         disk_full = isinstance(exc, Exception) and _out_of_space(exc, path.parent)
         partial.unlink(missing_ok=True)
