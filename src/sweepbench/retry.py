@@ -55,13 +55,16 @@ def retry_budget() -> float:
         return DEFAULT_RETRY_SECONDS
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    """``exc`` and the exceptions it was raised from (Optuna and MLflow wrap the driver's error)."""
-    chain: list[BaseException] = []
-    while exc is not None and exc not in chain:
-        chain.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return chain
+def causes(error: BaseException) -> list[BaseException]:
+    """``error`` and every exception it was raised from or while handling, each once (Optuna and MLflow wrap
+    the driver's error)."""
+    seen, pending = [], [error]
+    while pending:
+        cause = pending.pop()
+        if cause is not None and all(cause is not known for known in seen):
+            seen.append(cause)
+            pending += [cause.__cause__, cause.__context__]
+    return seen
 
 
 TRANSIENT_NAMES = {
@@ -83,9 +86,9 @@ PERSISTENT_TEXTS = ("disk is full", "No space left")  # SQLite's SQLITE_FULL, EN
 def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` is a service's transient fault rather than a mistake in the request or a full disk.
     Checked by name, so this module imports neither SQLAlchemy, requests nor MLflow."""
-    if any(text in str(error) for error in _chain(exc) for text in PERSISTENT_TEXTS):
+    if any(text in str(error) for error in causes(exc) for text in PERSISTENT_TEXTS):
         return False
-    for error in _chain(exc):
+    for error in causes(exc):
         names = {cls.__name__ for cls in type(error).__mro__}
         if names & TRANSIENT_NAMES:
             return True

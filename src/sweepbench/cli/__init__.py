@@ -19,7 +19,7 @@ from ..config import ConfigError, SettingWarning
 from ..data import DataNotFoundError
 from ..engine import Terminated, interrupt_message, sigterm_interrupts
 from ..engine.checkpoint import DiskFullError
-from ..retry import ServiceUnavailable
+from ..retry import ServiceUnavailable, causes
 from .options import config_from_args
 from .runs import add_bench_parser, add_report_parser, add_runs_parser, add_study_parser, add_ui_parser
 from .train import add_train_parser, format_summary, show_datasets, show_models
@@ -96,23 +96,10 @@ def _silence_stdout() -> None:
 def disk_full_message(error: BaseException, tracking_uri: str | None) -> str | None:
     """One line for an error a full disk caused, else None: a checkpoint's ``DiskFullError``, and SQLite's
     "database or disk is full" from an MLflow store, which then could not record the run's end either."""
-    causes = _causes(error)
-    checkpoint = next((str(cause) for cause in causes if isinstance(cause, DiskFullError)), None)
-    if not any(SQLITE_FULL in str(cause) for cause in causes):
+    chain = causes(error)
+    checkpoint = next((str(cause) for cause in chain if isinstance(cause, DiskFullError)), None)
+    if not any(SQLITE_FULL in str(cause) for cause in chain):
         return checkpoint
     store = (f"the MLflow store {tracking_uri} could not be written ({SQLITE_FULL}), so its run stays RUNNING "
              f"until `sweepbench runs reconcile` (or the next `sweepbench train`) ends it once there is space")
     return f"{checkpoint}; {store}" if checkpoint else f"disk full: {store}"
-
-
-def _causes(error: BaseException) -> list[BaseException]:
-    """``error`` and every exception it was raised from or while handling, each once."""
-    seen, pending = [], [error]
-    while pending:
-        cause = pending.pop()
-        if cause is not None and all(cause is not known for known in seen):
-            seen.append(cause)
-            pending += [cause.__cause__, cause.__context__]
-    return seen
-
-

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..config import ConfigError, RunConfig
+from .train import percent
 
 SEED_GROUP_TAG = "sweepbench.seed_group"  # the runs of one ``--seeds`` command
 MAX_SEEDS = 1024
@@ -90,12 +91,8 @@ def format_seeds(summaries: Sequence[dict], seeds: Sequence[int]) -> str:
     for summary, seed in zip(summaries, seeds):
         seconds = ", ".join(f"{value:.2f}" for value in summary["epoch_seconds"])
         lines.append(f"{seed:>6}  {summary['status']:10} "
-                     f"{_percent(summary['best_val_accuracy']):>9} {_percent(summary['test_accuracy']):>8}  {seconds}")
+                     f"{percent(summary['best_val_accuracy']):>9} {percent(summary['test_accuracy']):>8}  {seconds}")
     for metric, values in across_seeds(summaries).items():
-        lines.append(f"{metric} over {values['runs']} seeds: mean {_percent(values['mean'])}, std "
-                     f"{_percent(values['std'])}, range {_percent(values['min'])} - {_percent(values['max'])}")
+        lines.append(f"{metric} over {values['runs']} seeds: mean {percent(values['mean'])}, std "
+                     f"{percent(values['std'])}, range {percent(values['min'])} - {percent(values['max'])}")
     return "\n".join(lines)
-
-
-def _percent(value: float | None) -> str:
-    return "-" if value is None or math.isnan(value) else f"{100 * value:.2f}%"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from ..config import parse_overrides
@@ -76,8 +77,9 @@ def _reconcile_experiment(logger) -> None:
             print(f"sweepbench: note: {run.describe()}", file=sys.stderr)
 
 
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
+def percent(value: float | None) -> str:
+    """A fraction as a percentage; "-" for a figure the run does not have (None, or NaN)."""
+    return "-" if value is None or math.isnan(value) else f"{100 * value:.2f}%"
 
 
 def format_summary(summary: dict) -> str:
@@ -87,9 +89,9 @@ def format_summary(summary: dict) -> str:
         f"model/dataset   {summary['model']} on {summary['dataset']}",
         f"device          {summary['device']} ({summary['device_name']}), {summary['precision']}, "
         f"loader {summary['loader']}",
-        f"val accuracy    {_percent(summary['val_accuracy'])} (best {_percent(summary['best_val_accuracy'])} "
+        f"val accuracy    {percent(summary['val_accuracy'])} (best {percent(summary['best_val_accuracy'])} "
         f"at epoch {summary['best_epoch']})",
-        f"test accuracy   {_percent(summary['test_accuracy'])}",
+        f"test accuracy   {percent(summary['test_accuracy'])}",
         f"epoch seconds   {', '.join(f'{s:.2f}' for s in seconds) or '-'}",
         f"samples/second  {summary['samples_per_second'] or 0:,.0f}",
         f"peak memory     {summary['peak_memory_mb']:.0f} MiB",

@@ -13,7 +13,7 @@ from ..config import RunConfig
 from ..data import Dataset, PerSampleImageDataset
 
 
-def _epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
     """One generator per (seed, epoch), so a resumed run draws the same batches as an uninterrupted one."""
     return torch.Generator(device=device).manual_seed(seed * 100_003 + epoch)
 
@@ -59,7 +59,7 @@ class DeviceLoader:
         return len(self.labels)
 
     def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        generator = _epoch_generator(self.config.seed, epoch, self.device)
+        generator = epoch_generator(self.config.seed, epoch, self.device)
         order = torch.randperm(len(self.labels), generator=generator, device=self.device)
         for start in range(0, len(order), self.config.batch_size):
             index = order[start:start + self.config.batch_size]

@@ -7,7 +7,6 @@ timed apart.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from pathlib import Path
@@ -19,7 +18,7 @@ from torch import nn
 
 from ..config import RunConfig, SettingWarning, advice
 from ..data import load_dataset
-from ..hardware import autocast, device_name, peak_memory_mb, resolve_device, set_precision_flags, synchronize
+from ..hardware import autocast, device_name, resolve_device, set_precision_flags, synchronize
 from ..models import check_config, check_fits, create_model
 from .callbacks import Callback, StopTraining, TrainContext
 from .checkpoint import DiskFullError, checkpoint_state, load_resume, restore_checkpoint, save_checkpoint
@@ -138,21 +137,7 @@ class _Run:
         loss, accuracy, confusion = evaluate(self.model, x_test, self.dataset.y_test.to(self.device),
                                              self.dataset.num_classes, self.config.eval_batch_size,
                                              self.config.precision)
-        per_class = confusion.diag().double() / confusion.sum(1).clamp(min=1)
-        result.test_loss, result.test_accuracy = loss, accuracy
-        result.per_class_accuracy = dict(zip(self.dataset.classes, per_class.tolist()))
-        result.confusion_matrix = confusion.tolist()
-
-
-def time_to_target(history: list[EpochRecord], target: float | None) -> float | None:
-    if target is None:
-        return None
-    elapsed = 0.0
-    for record in history:
-        elapsed += record.epoch_seconds
-        if record.val_accuracy >= target:
-            return elapsed
-    return None
+        result.record_test(loss, accuracy, confusion, self.dataset.classes)
 
 
 def train(config: RunConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
@@ -169,8 +154,9 @@ def train(config: RunConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
             callback.on_train_start(run.context)
         for epoch in range(len(run.history) + 1, config.epochs + 1):
             record = run.run_epoch(epoch)
-            if not (math.isfinite(record.train_loss) and math.isfinite(record.val_loss)):
-                result.status, result.message = "diverged", f"diverged: loss is {record.train_loss} at epoch {epoch}"
+            divergence = record.divergence()
+            if divergence:
+                result.status, result.message = "diverged", divergence
                 break
             improved = run.best_val_accuracy is None or record.val_accuracy > run.best_val_accuracy
             if improved:
@@ -200,10 +186,7 @@ def failure_message(error: Exception) -> str:
 
 
 def _finish(run: _Run, result: RunResult, started: float) -> None:
-    result.best_val_accuracy, result.best_epoch = run.best_val_accuracy, run.best_epoch
-    result.time_to_target_seconds = time_to_target(run.history, run.config.target_accuracy)
-    result.train_seconds = sum(record.epoch_seconds for record in run.history)
-    result.peak_memory_mb = peak_memory_mb(run.device)
-    result.wall_seconds = time.perf_counter() - started
+    result.finish(run.history, run.config.target_accuracy, run.best_val_accuracy, run.best_epoch, run.device,
+                  started)
     for callback in run.callbacks:
         callback.on_train_end(run.context, result)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
+import torch
 from torch import nn
 
 from ..config import RunConfig
+from ..hardware import peak_memory_mb
 
 
 @dataclass
@@ -20,6 +24,24 @@ class EpochRecord:
     samples_per_second: float
     lr: float
     eval_seconds: float
+
+    def divergence(self) -> str | None:
+        """Why the run diverged at this epoch (a loss that is NaN or infinite), else None."""
+        if math.isfinite(self.train_loss) and math.isfinite(self.val_loss):
+            return None
+        return f"diverged: loss is {self.train_loss} at epoch {self.epoch}"
+
+
+def time_to_target(history: list[EpochRecord], target: float | None) -> float | None:
+    """Training seconds until validation accuracy first reached ``target`` (None: no target, or never)."""
+    if target is None:
+        return None
+    elapsed = 0.0
+    for record in history:
+        elapsed += record.epoch_seconds
+        if record.val_accuracy >= target:
+            return elapsed
+    return None
 
 
 @dataclass
@@ -44,6 +66,22 @@ class RunResult:
     message: str = ""
     checkpoints: dict[str, str] = field(default_factory=dict)
     model: nn.Module | None = field(default=None, repr=False)
+
+    def record_test(self, loss: float, accuracy: float, confusion: torch.Tensor, classes: Sequence[str]) -> None:
+        """The test split's loss, accuracy and confusion matrix (rows: true class), with each class's accuracy."""
+        per_class = confusion.diag().double() / confusion.sum(1).clamp(min=1)
+        self.test_loss, self.test_accuracy = loss, accuracy
+        self.per_class_accuracy = dict(zip(classes, per_class.tolist()))
+        self.confusion_matrix = confusion.tolist()
+
+    def finish(self, history: list[EpochRecord], target_accuracy: float | None, best_val_accuracy: float | None,
+               best_epoch: int | None, device: torch.device, started: float) -> None:
+        """The figures a run has once it ends, however it ends; ``started``: ``time.perf_counter()`` at its start."""
+        self.best_val_accuracy, self.best_epoch = best_val_accuracy, best_epoch
+        self.time_to_target_seconds = time_to_target(history, target_accuracy)
+        self.train_seconds = sum(record.epoch_seconds for record in history)
+        self.peak_memory_mb = peak_memory_mb(device)
+        self.wall_seconds = time.perf_counter() - started
 
     @property
     def val_accuracy(self) -> float | None:

@@ -6,13 +6,13 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ..loaders import AUGMENT_PAD, DeviceLoader, _epoch_generator, random_crop_flip
+from ..loaders import AUGMENT_PAD, DeviceLoader, epoch_generator, random_crop_flip
 
 
 class PackBatches:
     """The split of a ``DeviceLoader`` (normalised, padded for augmentation, on the device) batched for K members
     at once: step s gives member k the batch its solo ``DeviceLoader`` gives it at step s (the permutation of
-    ``_epoch_generator(seed_k, epoch)``, then its crops and flips from that same generator), all K gathered by one
+    ``epoch_generator(seed_k, epoch)``, then its crops and flips from that same generator), all K gathered by one
     ``index_select``."""
 
     def __init__(self, loader: DeviceLoader, seeds: Sequence[int], batch_size: int, augment: bool) -> None:
@@ -24,7 +24,7 @@ class PackBatches:
 
     def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """([K, B, *image], [K, B]) per step; the last B is the remainder, as in a solo run."""
-        generators = [_epoch_generator(seed, epoch, self.device) for seed in self.seeds]
+        generators = [epoch_generator(seed, epoch, self.device) for seed in self.seeds]
         orders = torch.stack([torch.randperm(len(self.labels), generator=generator, device=self.device)
                               for generator in generators])
         members = len(self.seeds)

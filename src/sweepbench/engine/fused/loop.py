@@ -162,11 +162,8 @@ class _Pack:
                                        self.dataset.y_test.to(self.device), self.dataset.num_classes,
                                        self.eval_batch_size, self.precision)
         for member, evaluation in zip(running, evaluations):
-            result, confusion = member.result, evaluation.confusion
-            per_class = confusion.diag().double() / confusion.sum(1).clamp(min=1)
-            result.test_loss, result.test_accuracy = evaluation.loss, evaluation.accuracy
-            result.per_class_accuracy = dict(zip(self.dataset.classes, per_class.tolist()))
-            result.confusion_matrix = confusion.tolist()
+            member.result.record_test(evaluation.loss, evaluation.accuracy, evaluation.confusion,
+                                      self.dataset.classes)
             self.end(member, "completed", "", started)
 
 

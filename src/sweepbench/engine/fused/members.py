@@ -3,15 +3,11 @@ result) and how it ends, as a solo run ends."""
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass
 from typing import Any
 
 from ...config import RunConfig
-from ...hardware import peak_memory_mb
 from ..callbacks import Callback, TrainContext
-from ..loop import time_to_target
 from ..optimizer import contiguous_parameters
 from ..results import EpochRecord, RunResult
 
@@ -41,9 +37,7 @@ class Member:
     def add_record(self, record: EpochRecord) -> str | None:
         """Appends the epoch; returns why the member diverged, if it did (in ``engine.train``'s words)."""
         self.history.append(record)
-        if not (math.isfinite(record.train_loss) and math.isfinite(record.val_loss)):
-            return f"diverged: loss is {record.train_loss} at epoch {record.epoch}"
-        return None
+        return record.divergence()
 
     def improved(self, record: EpochRecord) -> bool:
         """Whether ``record`` is the best validation accuracy yet, which it then becomes."""
@@ -58,10 +52,7 @@ class Member:
         self.running = False
         result = self.result
         result.status, result.message = status, message
-        result.best_val_accuracy, result.best_epoch = self.best_val_accuracy, self.best_epoch
-        result.time_to_target_seconds = time_to_target(self.history, self.config.target_accuracy)
-        result.train_seconds = sum(record.epoch_seconds for record in self.history)
-        result.peak_memory_mb = peak_memory_mb(self.context.device)
-        result.wall_seconds = time.perf_counter() - started
+        result.finish(self.history, self.config.target_accuracy, self.best_val_accuracy, self.best_epoch,
+                      self.context.device, started)
         contiguous_parameters(self.context.model)
         self.hook("on_train_end", result)
