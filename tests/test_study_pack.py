@@ -49,6 +49,8 @@ def assert_members_fused(study: optuna.Study, children: dict) -> None:
         if run.data.tags.get("sweepbench.fused") == "true":
             packs.setdefault(run.data.tags["sweepbench.pack_id"], []).append(trial.number)
             assert run.data.tags["sweepbench.epoch_time"] == "pack"
+        else:
+            assert run.data.tags["sweepbench.fused"] == "false", "a trial trained alone says so"
     assert packs, "no trial was trained fused"
     for pack_id, numbers in packs.items():
         sizes = {children[number].data.tags["sweepbench.pack_size"] for number in numbers}

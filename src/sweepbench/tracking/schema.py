@@ -6,7 +6,7 @@ Every run that trains (a ``train`` run, a study trial, a benchmark repeat) has:
 - tags: ``sweepbench.kind`` (``train``, ``trial`` or ``repeat``), the run's identity as it actually ran (``model``,
   ``dataset``, the resolved ``device`` and ``device_name``, ``precision``, ``loader``, ``optimizer``,
   ``batch_size``, ``epochs``), the dataset's fingerprint and source, hardware and library versions, and ``status``;
-  a run trained fused with others (``engine.fused``) also has ``sweepbench.fused`` = ``true``, its
+  ``sweepbench.fused`` = ``false``, or for a run trained fused with others (``engine.fused``) ``true`` and its
   ``sweepbench.pack_id``, ``sweepbench.pack_size``, ``sweepbench.pack_member`` and ``sweepbench.epoch_time`` =
   ``pack`` (its epoch times are the whole pack's, so reports keep it apart from runs trained alone);
 - metrics: per epoch ``train_loss``, ``val_loss``, ``val_accuracy``, ``epoch_seconds``, ``samples_per_second``,
@@ -27,6 +27,7 @@ from ..engine import TrainContext
 from ..hardware import environment_tags
 
 KIND_TAG = "sweepbench.kind"
+FUSED_TAG = "sweepbench.fused"
 TRAINING_KINDS = ("train", "trial", "repeat")
 SUMMARY_KINDS = ("study", "bench", "cell")
 RUN_KINDS = TRAINING_KINDS + SUMMARY_KINDS
@@ -64,7 +65,8 @@ def training_tags(context: TrainContext) -> dict[str, str]:
         "dataset_fingerprint": context.dataset.fingerprint,
         "dataset_source": context.dataset.source,
         "status": "running",
-        **(context.pack or {}),  # a fused run's pack: sweepbench.fused, pack_id, pack_size, epoch_time = "pack"
+        FUSED_TAG: "false",  # a run trained alone says so, and a report's column never reads "-" for it
+        **(context.pack or {}),  # a fused run's pack: sweepbench.fused = "true", pack_id, pack_size, epoch_time
     }
 
 
