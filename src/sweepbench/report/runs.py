@@ -14,6 +14,7 @@ import pandas as pd
 
 from ..validators import ConfigError, choice, choices
 from ..tracking import RUN_KINDS, TRAINING_KINDS, Store, run_kind
+from ..tracking.schema import FUSED_TAG
 
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED", "RUNNING", "all")
 RUN_ATTRIBUTES = ("run_id", "run_name", "experiment", "status", "kind")
@@ -81,9 +82,14 @@ def has_key(runs: pd.DataFrame, key: str) -> bool:
     return any(column in runs.columns for column in key_columns(key))
 
 
+# What a run written before its tag existed had: every run before fused training was trained alone.
+UNTAGGED = {FUSED_TAG: "false"}
+
+
 def run_values(runs: pd.DataFrame, key: str) -> pd.Series:
     """Each run's value of ``key`` as text: per run, the first of its tag, param and metric that it has (so a
-    run that logged ``model`` as a param and one that tagged it both get their model); ``-`` for none."""
+    run that logged ``model`` as a param and one that tagged it both get their model); ``-`` for none, or what
+    ``UNTAGGED`` says runs from before a tag existed had."""
     columns = [column for column in key_columns(key) if column in runs.columns]
     if not columns:
         available = sorted({column.split(".", 1)[-1] for column in runs.columns})
@@ -92,7 +98,7 @@ def run_values(runs: pd.DataFrame, key: str) -> pd.Series:
     values = pd.Series(pd.NA, index=runs.index, dtype=object)
     for column in columns:
         values = values.fillna(runs[column].map(_as_text))
-    return values.fillna(MISSING).astype(str)
+    return values.fillna(UNTAGGED.get(key, MISSING)).astype(str)
 
 
 def _as_text(value: Any) -> Any:
