@@ -236,10 +236,55 @@ def test_a_worker_paused_past_its_grace_period_stops_its_stale_trial_quietly(tmp
     time.sleep(8)  # the grace period is 3 s; the other worker marks the trial stale between its trials
     os.kill(worker_pid, signal.SIGCONT)
     output = process.communicate(timeout=600)[0]
+    print(output)  # shown when an assertion below fails
     assert process.returncode == 0, output  # the paused worker did not crash
     study = assert_nothing_lost(storage, "paused", sqlite_tracking(tmp_path), 5)
     assert study.trials[victim.number].state == TrialState.FAIL, output
     assert "stops it and moves on" in output, output
+
+
+HOLD_WRITE_LOCK = """
+import sqlite3, sys, time
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+connection.execute("COMMIT")
+"""
+# A process that opens the store and logs a run once told to (its imports done: the lock is met, not missed).
+LOG_A_RUN = """
+import logging, sys, time
+from sweepbench.tracking import Store
+logging.basicConfig()
+print("ready", flush=True)
+sys.stdin.readline()
+started = time.monotonic()
+store = Store(sys.argv[1])
+run_id = store.start_run(store.experiment("locked"), "run", "train")
+store.end_run(run_id, "FINISHED")
+print(f"{time.monotonic() - started:.1f}", flush=True)
+"""
+
+
+def test_a_tracking_store_locked_longer_than_sqlites_timeout_costs_a_wait_not_the_run(tmp_path: Path) -> None:
+    """A process paused while it holds the MLflow SQLite file's write lock (a stopped worker in the middle of a
+    log call) blocks every other process; SQLite gives up after 5 s. Once in CI, the other worker's next trial
+    FAILed with "database is locked" as MLflow opened the store, outside the retry policy."""
+    database = tmp_path / "mlflow.db"
+    MlflowClient(f"sqlite:///{database}").search_experiments()  # the schema exists; the writer opens it anew
+    writer = subprocess.Popen([sys.executable, "-c", LOG_A_RUN, f"sqlite:///{database}"], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert writer.stdout.readline().strip() == "ready", writer.communicate()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_WRITE_LOCK, str(database), "8"], text=True,
+                              stdout=subprocess.PIPE)
+    assert holder.stdout.readline().strip() == "locked"
+    seconds, errors = writer.communicate("go\n", timeout=120)
+    assert holder.wait(timeout=60) == 0
+    assert writer.returncode == 0, errors
+    assert "database is locked" in errors and float(seconds) > 5, (seconds, errors)
+    client = MlflowClient(f"sqlite:///{database}")
+    runs = client.search_runs([client.get_experiment_by_name("locked").experiment_id])
+    assert [run.info.status for run in runs] == ["FINISHED"]
 
 
 def _worker_pids(parent_pid: int) -> list[int]:

@@ -136,8 +136,13 @@ class Store:
         """Made on first use, with a SQLite file's folder: a store no run is written to is never created."""
         database = sqlite_path(self.tracking_uri)
         if database is None:
-            return RetryingClient(MlflowClient(self.tracking_uri))
+            return self._connect()
         return self._sqlite_client(database)
+
+    def _connect(self) -> RetryingClient:
+        """A new client, under the retry policy too: MLflow opens the store and checks its schema as it makes
+        one, and a SQLite file whose write lock a paused process holds answers "database is locked" then."""
+        return RetryingClient(TRACKING_RETRY.call(MlflowClient, self.tracking_uri))
 
     def _sqlite_client(self, database: Path) -> RetryingClient:
         """A client whose SQLite store exists with MLflow's current schema. MLflow creates and migrates the schema
@@ -149,7 +154,7 @@ class Store:
 
         database.parent.mkdir(parents=True, exist_ok=True)
         with filelock.FileLock(f"{database}.schema.lock"):
-            client = RetryingClient(MlflowClient(self.tracking_uri))
+            client = self._connect()
             client.search_experiments(max_results=1)
         return client
 
