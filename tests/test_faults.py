@@ -224,15 +224,46 @@ def test_a_closed_stdout_and_then_ctrl_c_fail_no_trial_and_leave_nothing_running
     assert_nothing_lost(storage, "piped", restartable_server.url, 3)
 
 
+def _stopped(pid: int) -> bool:
+    """Whether every thread of ``pid`` has stopped (SIGSTOP reaches them a moment after ``kill`` returns)."""
+    states = [path.read_text().rsplit(")", 1)[1].split()[0] for path in Path(f"/proc/{pid}/task").glob("*/stat")]
+    return all(state in "Tt" for state in states)
+
+
+def _holds_a_file_lock(pid: int) -> bool:
+    """Whether ``pid`` holds a lock on a file: SQLite's POSIX locks, or the study's reservation lock (flock)."""
+    held = [line.split() for line in Path("/proc/locks").read_text().splitlines() if "->" not in line]
+    return any(fields[4] == str(pid) for fields in held)
+
+
+def pause_in_a_trial(storage_url: str, name: str, pid: int, process: subprocess.Popen) -> optuna.trial.FrozenTrial:
+    """SIGSTOPs worker ``pid`` while it trains a trial and holds no file lock, and returns that trial. A worker
+    paused in the middle of a SQLite write stops the other worker too (it waits for the lock), so nothing goes
+    stale: the product's right answer, but not the fault this test is about."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        os.kill(pid, signal.SIGSTOP)
+        while not _stopped(pid):
+            time.sleep(0.001)
+        if not _holds_a_file_lock(pid):
+            study = optuna.load_study(study_name=name, storage=storage_url)
+            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if RUN_ID_ATTR in trial.user_attrs and trial.user_attrs[WORKER_ATTR].endswith(f":{pid}"):
+                    return trial
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.02)
+    raise AssertionError(f"worker {pid} was never paused in a trial without a file lock")
+
+
 def test_a_worker_paused_past_its_grace_period_stops_its_stale_trial_quietly(tmp_path: Path,
                                                                             data_dir: Path) -> None:
     spec = write_spec(tmp_path, "paused", n_trials=5, epochs=6, subset=10000, pruner="none")
     args = study_args(spec, data_dir, "--workers", "2", "--heartbeat-interval", "1")
     storage = sqlite_storage(tmp_path, "paused")
     process = start_study(args, tmp_path)
-    victim = wait_for(lambda: running_trial(storage, "paused"), process, what="running trial")
-    worker_pid = int(victim.user_attrs[WORKER_ATTR].rsplit(":", 1)[1])
-    os.kill(worker_pid, signal.SIGSTOP)
+    first = wait_for(lambda: running_trial(storage, "paused"), process, what="running trial")
+    worker_pid = int(first.user_attrs[WORKER_ATTR].rsplit(":", 1)[1])
+    victim = pause_in_a_trial(storage, "paused", worker_pid, process)
     time.sleep(8)  # the grace period is 3 s; the other worker marks the trial stale between its trials
     os.kill(worker_pid, signal.SIGCONT)
     output = process.communicate(timeout=600)[0]
