@@ -1,7 +1,7 @@
 """Faults a long study meets on a team's servers, reproduced on real ones: a private PostgreSQL restarted and
 stopped, a real ``mlflow server`` stopped for longer than MLflow's retries, stdout closed, a worker paused past
-its grace period, the parent process SIGKILLed. Each ends with exactly N finished trials, nothing RUNNING in
-Optuna or MLflow, and no finished result lost."""
+its grace period, a tracking store's SQLite file locked past SQLite's timeout, the parent process SIGKILLed. Each
+ends with exactly N finished trials, nothing RUNNING in Optuna or MLflow, and no finished result lost."""
 
 from __future__ import annotations
 
