@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -22,6 +23,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from sweepbench.study import RETRY_HISTORY, RUN_ID_ATTR, WORKER_ATTR, normalize_storage_url
+from sweepbench.study.storage import storage_lock
 from tests.conftest import free_port, mlflow_server
 from tests.test_study import assert_exactly, sqlite_storage, sqlite_tracking, study_args, write_spec
 
@@ -127,6 +129,26 @@ def assert_nothing_lost(storage_url: str, name: str, tracking_uri: str, n_trials
         statuses = {run.info.status for run in by_number.get(trial.number, [])}
         assert MLFLOW_STATUS[trial.state] in statuses, (trial.number, trial.state, statuses)
     return study
+
+
+def test_the_reservation_lock_outlives_a_postgresql_restart_and_waits_out_an_outage(
+        private_postgres: PrivatePostgres) -> None:
+    """The reservation lock is a session lock on a connection of its own. A restart while it is held ends that
+    session and the lock with it: leaving the block once crashed the worker (``pg_advisory_unlock`` on the dead
+    connection, seen in the restart test below). Taking the lock while the server is down waits for it."""
+    url = normalize_storage_url(private_postgres.url)
+    with storage_lock(url):
+        private_postgres.restart()
+    private_postgres.stop()
+    restarter = threading.Timer(2.0, private_postgres.start)
+    restarter.start()
+    started = time.monotonic()
+    try:
+        with storage_lock(url):
+            waited = time.monotonic() - started
+    finally:
+        restarter.join()
+    assert waited >= 1.5, waited
 
 
 def test_a_postgresql_restart_and_an_outage_longer_than_the_grace_period_lose_nothing(

@@ -150,12 +150,11 @@ def storage_lock(storage_url: str) -> Iterator[None]:
     database would both create them) and around each trial reservation (see the docstring of ``coordination``)."""
     url = sqlalchemy.engine.make_url(storage_url)
     if url.get_backend_name() == "postgresql":
-        with _lock_engine(storage_url).connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
-            try:
-                yield
-            finally:
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": ADVISORY_LOCK_KEY})
+        connection = STORAGE_RETRY.call(_advisory_lock, storage_url)
+        try:
+            yield
+        finally:
+            _advisory_unlock(connection)
         return
     database = url.database if url.get_backend_name() == "sqlite" else None
     path = Path(f"{database}.lock") if database else Path.cwd() / STUDIES_DIR / "storage.lock"
@@ -167,6 +166,29 @@ def storage_lock(storage_url: str) -> Iterator[None]:
 @functools.lru_cache(maxsize=4)
 def _lock_engine(storage_url: str) -> sqlalchemy.engine.Engine:
     return sqlalchemy.create_engine(storage_url, pool_size=1, pool_pre_ping=True)
+
+
+def _advisory_lock(storage_url: str) -> sqlalchemy.engine.Connection:
+    """A connection holding the storage's advisory lock, a session lock: it lasts as long as the connection."""
+    connection = _lock_engine(storage_url).connect()
+    try:
+        connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _advisory_unlock(connection: sqlalchemy.engine.Connection) -> None:
+    """Releases the advisory lock. A connection the server dropped meanwhile (a restart) has nothing to release:
+    its session, and the lock with it, ended on the server."""
+    try:
+        connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": ADVISORY_LOCK_KEY})
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+    finally:
+        connection.close()
 
 
 def retry_trial(study: optuna.Study, trial: FrozenTrial, max_retries: int | None = MAX_RETRIES) -> bool:
