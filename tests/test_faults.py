@@ -86,11 +86,13 @@ def start_study(args: tuple[str, ...], cwd: Path, env: dict | None = None,
                             env={**os.environ, **(env or {})})
 
 
-def wait_for(condition, process: subprocess.Popen, timeout: float = 180, what: str = "condition"):
+def wait_for(condition, process: subprocess.Popen, timeout: float = 180, what: str = "condition",
+             log: Path | None = None):
+    """``condition()``'s first true value; the command's output (its pipe, or its ``log`` file) if it ends first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            output = process.communicate()[0] if process.stdout else ""
+            output = process.communicate()[0] if process.stdout else log.read_text() if log else ""
             raise AssertionError(f"the command ended before {what}:\n{output}")
         with contextlib.suppress(Exception):
             value = condition()
@@ -360,10 +362,12 @@ def test_workers_stop_with_their_sigkilled_parent_and_the_rerun_reconciles(tmp_p
     spec = write_spec(tmp_path, "orphans", n_trials=4, epochs=8, subset=20000, pruner="none")
     args = study_args(spec, data_dir, "--workers", "2", "--heartbeat-interval", "1")
     storage = sqlite_storage(tmp_path, "orphans")
-    process = start_study(args, tmp_path, stdout=subprocess.DEVNULL)
-    wait_for(lambda: running_trial(storage, "orphans"), process, what="running trial")
+    log = tmp_path / "study.log"
+    with log.open("w") as output:  # a file, not a pipe: the orphaned workers would hold a pipe open
+        process = start_study(args, tmp_path, stdout=output.fileno())
+    wait_for(lambda: running_trial(storage, "orphans"), process, what="running trial", log=log)
     workers = wait_for(lambda: len(_worker_pids(process.pid)) == 2 and _worker_pids(process.pid), process,
-                       what="both workers")
+                       what="both workers", log=log)
     process.kill()
     process.wait()
     deadline = time.monotonic() + 30
