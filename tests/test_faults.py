@@ -102,11 +102,13 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 180, what: s
     raise AssertionError(f"no {what} within {timeout} s")
 
 
-def running_trial(storage_url: str, name: str, other_than: int | None = None) -> optuna.trial.FrozenTrial | None:
-    """A trial in the middle of training (RUNNING, its MLflow run linked)."""
+def running_trial(storage_url: str, name: str, other_than: int | None = None,
+                  worker_pid: int | None = None) -> optuna.trial.FrozenTrial | None:
+    """A trial in the middle of training (RUNNING, its MLflow run linked), of worker ``worker_pid`` if given."""
     study = optuna.load_study(study_name=name, storage=storage_url)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if RUN_ID_ATTR in trial.user_attrs and trial.number != other_than:
+        if RUN_ID_ATTR in trial.user_attrs and trial.number != other_than and (
+                worker_pid is None or trial.user_attrs[WORKER_ATTR].endswith(f":{worker_pid}")):
             return trial
     return None
 
@@ -248,10 +250,14 @@ def test_a_closed_stdout_and_then_ctrl_c_fail_no_trial_and_leave_nothing_running
     assert_nothing_lost(storage, "piped", restartable_server.url, 3)
 
 
+def _state(stat: Path) -> str:
+    """The state letter of a ``/proc/<pid>/stat`` (or a thread's ``task/<tid>/stat``) file: R, S, T, Z..."""
+    return stat.read_text().rsplit(")", 1)[1].split()[0]
+
+
 def _stopped(pid: int) -> bool:
     """Whether every thread of ``pid`` has stopped (SIGSTOP reaches them a moment after ``kill`` returns)."""
-    states = [path.read_text().rsplit(")", 1)[1].split()[0] for path in Path(f"/proc/{pid}/task").glob("*/stat")]
-    return all(state in "Tt" for state in states)
+    return all(_state(stat) in "Tt" for stat in Path(f"/proc/{pid}/task").glob("*/stat"))
 
 
 def _holds_a_file_lock(pid: int) -> bool:
@@ -269,11 +275,9 @@ def pause_in_a_trial(storage_url: str, name: str, pid: int, process: subprocess.
         os.kill(pid, signal.SIGSTOP)
         while not _stopped(pid):
             time.sleep(0.001)
-        if not _holds_a_file_lock(pid):
-            study = optuna.load_study(study_name=name, storage=storage_url)
-            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                if RUN_ID_ATTR in trial.user_attrs and trial.user_attrs[WORKER_ATTR].endswith(f":{pid}"):
-                    return trial
+        trial = None if _holds_a_file_lock(pid) else running_trial(storage_url, name, worker_pid=pid)
+        if trial is not None:
+            return trial
         os.kill(pid, signal.SIGCONT)
         time.sleep(0.02)
     raise AssertionError(f"worker {pid} was never paused in a trial without a file lock")
@@ -351,10 +355,9 @@ def _worker_pids(parent_pid: int) -> list[int]:
 
 def _alive(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return _state(Path(f"/proc/{pid}/stat")) != "Z"
     except (FileNotFoundError, IndexError):
         return False
-    return state != "Z"
 
 
 def test_workers_stop_with_their_sigkilled_parent_and_the_rerun_reconciles(tmp_path: Path,
