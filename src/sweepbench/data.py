@@ -133,6 +133,11 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
     return _load_cached(entry.name, directory, download, val_size, tuple(sorted(hashable.items())))
 
 
+def forget_loaded_datasets() -> None:
+    """Lets go of the datasets this process loaded (a process that only checked them, before its workers run)."""
+    _load_cached.cache_clear()
+
+
 @functools.lru_cache(maxsize=4)
 def _load_cached(name: str, directory: Path, download: bool, val_size: int, kwargs: tuple) -> Dataset:
     entry = DATASETS.get(name)

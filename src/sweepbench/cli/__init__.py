@@ -19,7 +19,7 @@ from ..config import ConfigError, SettingWarning
 from ..data import DataNotFoundError
 from ..engine import Terminated, interrupt_message, sigterm_interrupts
 from ..engine.checkpoint import DiskFullError
-from ..retry import ServiceUnavailable, causes
+from ..retry import PermanentError, ServiceUnavailable, causes
 from .options import config_from_args
 from .runs import add_bench_parser, add_report_parser, add_runs_parser, add_study_parser, add_ui_parser
 from .train import add_train_parser, format_summary, show_datasets, show_models
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         _silence_stdout()
         return 128 + signal.SIGPIPE
-    except ServiceUnavailable as exc:
+    except (ServiceUnavailable, PermanentError) as exc:
         print(f"sweepbench: error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:

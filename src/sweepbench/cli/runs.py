@@ -102,6 +102,9 @@ def add_study_parser(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--heartbeat-interval", type=int,
                      help="seconds between trial heartbeats (default: 10); a trial silent for 3 of them is "
                           "failed and retried")
+    run.add_argument("--new-spec-version", action="store_true",
+                     help="continue a study whose spec changed (search space, objective or fixed settings) as its "
+                          "next spec version; its later trials are tagged with it (without this: refused)")
     run.add_argument("--device", help=f"override the spec's device: {', '.join(DEVICES)}")
     run.add_argument("--precision", help=f"override the spec's precision: {', '.join(PRECISIONS)}")
     add_data_args(run)
@@ -133,7 +136,8 @@ def _study_run(args: argparse.Namespace) -> int:
                "download": args.download or None, **parse_overrides(args.set)}
     spec = load_spec(args.spec).with_overrides(n_trials=args.n_trials, timeout=args.timeout, pack=args.pack,
                                                **changes)
-    job = make_job(spec, args.storage, args.tracking_uri, args.workers, args.heartbeat_interval)
+    job = make_job(spec, args.storage, args.tracking_uri, args.workers, args.heartbeat_interval,
+                   args.new_spec_version)
     configure_logging()
     print(f"study {spec.name}: target {spec.target_trials()} finished trials, {job.workers} worker(s), "
           f"storage {redact(job.storage_url)}, tracking {job.tracking_uri}", flush=True)

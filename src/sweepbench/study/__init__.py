@@ -9,18 +9,26 @@ MLflow parent run).
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import math
 import time
 from dataclasses import dataclass
 
 import optuna
 
+from ..data import forget_loaded_datasets, load_dataset
+from ..models import check_config
 from ..tracking import Store
+from . import identity
 from .coordination import Tally, _run_workers, configure_logging, load_study, worker_seed
 from .job import StudyJob, make_job, normalize_storage_url, redact
 from .parent import _open_parent_run, log_study_outcome, reconcile
 from .storage import (RETRY_HISTORY, RUN_ID_ATTR, WORKER_ATTR, adopt_heartbeat_interval, open_existing_study,
                       open_storage)
 from .summary import describe_importances, describe_study, export_trials
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "RETRY_HISTORY", "RUN_ID_ATTR", "WORKER_ATTR", "StudyJob", "StudyOutcome", "configure_logging",
@@ -65,18 +73,44 @@ class StudyOutcome:
         return f"timed out with {tally.finished} of {spec.target_trials()} trials finished"
 
 
+def check_inputs(job: StudyJob) -> None:
+    """What ``train`` checks before any run exists, checked before the study's storage or runs are made: the
+    fixed settings make a model that fits the dataset, and the dataset's file loads (a broken file is refused
+    in one line, not found by every trial). With several workers, each loads its own copy; this one is let go."""
+    config = job.spec.base_config
+    check_config(config)
+    load_dataset(config.dataset, config.data_dir, config.download, config.val_size, **config.dataset_kwargs)
+    if job.workers > 1:
+        forget_loaded_datasets()
+
+
+def useful_workers(job: StudyJob, tally: Tally) -> int:
+    """``job.workers``, capped at the workers the trials left can keep busy (each reserves up to ``pack``), with
+    one line when it is: more would start processes that find nothing to run."""
+    left = tally.slots(job.spec)
+    useful = max(1, math.ceil(left / job.spec.pack))
+    if job.workers <= useful:
+        return job.workers
+    log.warning(f"--workers: {job.workers} capped at {useful}: the study has {left} trial(s) left to run")
+    return useful
+
+
 def run_study(job: StudyJob) -> StudyOutcome:
     """Runs (or resumes) a study with ``job.workers`` local workers, then logs its outcome to the parent run.
     A study that stops on ``max_failed_trials`` ends FAILED; Ctrl-C ends it KILLED and re-raises. The heartbeat
     interval is the study's (the first worker's); child runs are reconciled with the trials before and after."""
     started = time.perf_counter()
+    check_inputs(job)
     storage = open_storage(job)
     study = load_study(job, storage)
     adopted = adopt_heartbeat_interval(job, study)
     if adopted != job:
         job, storage = adopted, open_storage(adopted)
         study = load_study(job, storage)
-    finished_before = Tally.of(study.get_trials(deepcopy=False)).finished
+    tally = Tally.of(study.get_trials(deepcopy=False))
+    job = dataclasses.replace(job, spec_version=identity.version_of(study, job.spec),
+                              workers=useful_workers(job, tally))
+    finished_before = tally.finished
     store = Store(job.tracking_uri)
     parent_run_id = _open_parent_run(study, job, store)
     with store.lifecycle(parent_run_id) as outcome:

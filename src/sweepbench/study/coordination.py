@@ -45,7 +45,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .. import engine
 from ..config import ConfigError
-from ..retry import ServiceUnavailable
+from ..retry import PermanentError, ServiceUnavailable
+from . import identity
 from .job import StudyJob, redact
 from .spec import StudySpec
 from .storage import (FAILURE_ATTR, INFRASTRUCTURE, PARENT_RUN_ATTR, RETRY_HISTORY, SEED_CLAIM_ATTR,
@@ -116,16 +117,22 @@ def _mixed_seed(*parts: int) -> int:
 
 
 def load_study(job: StudyJob, storage: RetryingStorage, worker_index: int | None = None) -> optuna.Study:
-    """Creates the study, or loads it to resume; its directions must match the spec's. A worker (``worker_index``
-    given) gets the spec's sampler with its own seed; without one the study is only read and written to."""
+    """Creates the study, or loads it to resume; its directions and its spec's identity (``identity``) must be
+    the spec's, else nothing is written. A worker (``worker_index`` given) gets the spec's sampler with its own
+    seed; without one the study is only read and written to."""
     spec = job.spec
     with _quiet():
         study = optuna.create_study(storage=storage, study_name=spec.name, directions=spec.directions,
                                     load_if_exists=True, pruner=create_pruner(spec))
         stored = [direction.name.lower() for direction in study.directions]
         if stored != spec.directions:
-            raise ConfigError(f"objective: study {spec.name!r} in {redact(job.storage_url)} optimises {stored}, "
-                              f"the spec {spec.directions}; rename the study or use another storage")
+            changed = None if job.new_spec_version else identity.refusal(study, spec, redact(job.storage_url))
+            raise changed or ConfigError(
+                f"objective: study {spec.name!r} in {redact(job.storage_url)} optimises {stored}, the spec "
+                f"{spec.directions}; Optuna cannot change a study's directions (not even as a new spec version): "
+                "rename the study or use another storage")
+        with storage_lock(job.storage_url):
+            identity.settle(study, spec, redact(job.storage_url), job.new_spec_version)
         if study.metric_names != spec.metric_names:
             study.set_metric_names(spec.metric_names)
     if worker_index is not None:
@@ -220,7 +227,7 @@ def _worker_process(job: StudyJob, worker_index: int, parent_pid: int) -> None:
         sys.exit(128 + signal.SIGTERM)
     except KeyboardInterrupt:
         sys.exit(128 + signal.SIGINT)
-    except ServiceUnavailable as exc:
+    except (ServiceUnavailable, PermanentError) as exc:
         logging.getLogger(__name__).error(f"worker {worker_index} stops: {exc}")
         sys.exit(1)
 

@@ -4,10 +4,14 @@ embedded MLflow store."""
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ConfigError
+import sqlalchemy
+
+from ..config import ConfigError, SettingWarning
 from ..paths import writable_folder
 from ..tracking import resolve_tracking_uri
 from ..tracking.connect import database_problem, redact, sqlite_problem, with_installed_driver
@@ -15,6 +19,8 @@ from .spec import StudySpec
 
 STUDIES_DIR = Path("mlruns") / "studies"
 DEFAULT_HEARTBEAT_SECONDS = 10
+WORKERS_PER_CORE = 4
+MIN_WORKER_CAP = 8
 STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
 STORAGE_ALLOWED = "sqlite:///<file>, postgresql://<user>@<host>/<database> or mysql://<user>@<host>/<database>"
 
@@ -29,22 +35,43 @@ class StudyJob:
     checkpoint_root: str
     heartbeat_interval: int = DEFAULT_HEARTBEAT_SECONDS
     workers: int = 1
+    new_spec_version: bool = False  # record a changed spec as the study's next version (``identity``)
+    spec_version: int | None = None  # the version this job works under, once the study is loaded
 
 
 def make_job(spec: StudySpec, storage_url: str | None = None, tracking_uri: str | None = None,
-             workers: int = 1, heartbeat_interval: int | None = None) -> StudyJob:
+             workers: int = 1, heartbeat_interval: int | None = None, new_spec_version: bool = False) -> StudyJob:
     """Fills in the defaults (the study's SQLite file in ``mlruns/studies/``, the embedded MLflow store, the
     checkpoints beside the study's file unless the spec sets ``checkpoint_dir``) and checks, creating nothing,
-    that the storage opens and the checkpoint folder can be written."""
+    that the storage opens, the checkpoint folder can be written and the workers fit this machine."""
     heartbeat_interval = DEFAULT_HEARTBEAT_SECONDS if heartbeat_interval is None else heartbeat_interval
     for option, value in (("--workers", workers), ("--heartbeat-interval", heartbeat_interval)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{option}: {value!r} is out of range; it must be an integer >= 1")
+    check_workers(workers)
     storage_url = check_storage_url(storage_url or default_storage_url(spec.name))
     checkpoint_root = spec.base_config.checkpoint_dir or str(Path.cwd().resolve() / STUDIES_DIR / spec.name)
     writable_folder("checkpoint_dir", checkpoint_root)
     return StudyJob(spec, storage_url, resolve_tracking_uri(tracking_uri), checkpoint_root, heartbeat_interval,
-                    workers)
+                    workers, new_spec_version)
+
+
+def max_workers() -> int:
+    """The most local workers one ``study run`` starts: each is a process with its own copy of torch and the
+    data (some hundred MB), so a few per core; more machines share a study through one ``--storage``."""
+    return max(MIN_WORKER_CAP, WORKERS_PER_CORE * (os.cpu_count() or 1))
+
+
+def check_workers(workers: int) -> None:
+    """Refuses a number of workers this machine cannot hold; warns past one per core (they share the cores)."""
+    cores = os.cpu_count() or 1
+    if workers > max_workers():
+        raise ConfigError(f"--workers: {workers} is out of range; this machine runs at most {max_workers()} local "
+                          f"workers ({cores} CPU core(s)); to use more machines, run `sweepbench study run` on each "
+                          "with the same --storage")
+    if workers > cores:
+        warnings.warn(f"--workers: {workers} workers share {cores} CPU core(s); each trains slower, and the study "
+                      "may not finish sooner", SettingWarning, stacklevel=2)
 
 
 def default_storage_url(study_name: str) -> str:
@@ -54,18 +81,30 @@ def default_storage_url(study_name: str) -> str:
 
 def check_storage_url(url: str, must_hold: str | None = None) -> str:
     """``url`` with the installed driver, checked before any work: a scheme Optuna stores studies in, and a SQLite
-    file that exists or can be made (``must_hold``, what it must hold: one that exists) or a database server that
-    opens it within a few seconds. The error names the URL, password hidden."""
+    file that can be written or made (``must_hold``, what it must hold, for a command that only reads: one that
+    exists) or a database server that opens it within a few seconds and, for a command that writes, lets its user
+    open the connections a worker needs at once (``worker_connections``). The error names the URL, password
+    hidden."""
     scheme = url.partition(":")[0].split("+")[0].lower()
     if "://" not in url or scheme not in STORAGE_SCHEMES:
         problem = f"is not a storage URL Optuna can use; use {STORAGE_ALLOWED}"
     elif scheme == "sqlite":
         problem = sqlite_problem(url, must_hold)
     else:
-        problem = database_problem(url)
+        problem = database_problem(url, None if must_hold else worker_connections)
     if problem:
         raise ConfigError(f"--storage: {redact(url)} {problem}")
     return normalize_storage_url(url)
+
+
+def worker_connections(connection: sqlalchemy.engine.Connection) -> tuple[int, str]:
+    """How many connections a study worker needs at once on the database of ``connection``, and why: one for a
+    storage call and one for the reservation lock (see ``storage``); to create the storage's tables, Optuna's
+    set-up opens a second connection while it holds one, so the worker that does it needs three."""
+    if sqlalchemy.inspect(connection).has_table("alembic_version"):
+        return 2, "a study worker (one connection for a storage call, one for the reservation lock)"
+    return 3, ("a study worker that creates the storage's tables (two connections for Optuna's set-up, one for the "
+               "reservation lock)")
 
 
 def normalize_storage_url(url: str) -> str:

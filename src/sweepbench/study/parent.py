@@ -17,6 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 from .. import engine
 from ..tracking import Store, config_params, environment_tags
 from .coordination import Tally
+from .identity import FINGERPRINT_TAG, VERSION_ATTR, VERSION_TAG, fingerprint
 from .job import StudyJob, redact
 from .spec import ParamSpec, StudySpec
 from .storage import PARENT_RUN_ATTR, RUN_ID_ATTR, _quiet, storage_lock
@@ -93,7 +94,8 @@ def _recover_run(trial: FrozenTrial, job: StudyJob, store: Store, experiment_id:
     """A child run for a finished trial that has none, from what Optuna holds: the parameters, the reported
     metric per epoch and the trial's results; tagged, since the other per-epoch metrics are missing."""
     config = apply_params(job.spec.base_config, trial.params)
-    tags = {**trial_tags(job.spec, trial), "status": TRIAL_STATUS[trial.state],
+    version = trial.user_attrs.get(VERSION_ATTR)
+    tags = {**trial_tags(job.spec, trial, version), "status": TRIAL_STATUS[trial.state],
             RECOVERED_TAG: "rebuilt from the Optuna trial: the tracking store was unreachable while it ran"}
     run_id = store.start_run(experiment_id, f"trial-{trial.number:04d}", "trial", tags, config_params(config),
                              parent_run_id)
@@ -125,7 +127,8 @@ def log_study_outcome(study: optuna.Study, job: StudyJob, store: Store, parent_r
     trials = study.get_trials(deepcopy=False)
     counts = {f"n_{state.name.lower()}": sum(t.state == state for t in trials) for state in TrialState}
     metrics: dict[str, float] = dict(counts)
-    tags = {"n_trials_target": str(job.spec.target_trials())}
+    tags = {"n_trials_target": str(job.spec.target_trials()), VERSION_TAG: str(job.spec_version),
+            FINGERPRINT_TAG: fingerprint(job.spec)}
     best = best_trial(study)
     if best is not None:
         metrics.update({f"best_{name}": value for name, value in zip(job.spec.metric_names, best.values)})
@@ -138,7 +141,8 @@ def log_study_outcome(study: optuna.Study, job: StudyJob, store: Store, parent_r
     store.log(parent_run_id, metrics=metrics, tags=tags, step=Tally.of(trials).finished)
     store.log_text(parent_run_id, export_trials(study, "csv"), "trials.csv")
     if Path(job.spec.source).is_file():
-        store.log_artifact(parent_run_id, job.spec.source, "spec")
+        store.log_artifact(parent_run_id, job.spec.source, "spec" if job.spec_version == 1 else
+                           f"spec/v{job.spec_version}")
     _log_plots(store, parent_run_id, study, job.spec)
 
 

@@ -1,7 +1,13 @@
 """A study's shared storage: opening it with heartbeats and a handler for the trials whose heartbeats stop
 (marked FAIL, queued again), every call through the one retry policy (``sweepbench.retry``), the heartbeat
 interval kept with the study, the one lock per storage, and the keys the study and its trials carry there. How
-workers use all this is told in the docstring of ``coordination``."""
+workers use all this is told in the docstring of ``coordination``.
+
+**Connections.** A process holds no database connection between its storage calls (no pool), and its calls,
+the heartbeat thread's included, take turns: a worker uses one connection at a time, plus the reservation lock's
+for the milliseconds it is held, and waiting for that lock costs none (``job.worker_connections``). So workers
+fit a PostgreSQL role's or database's ``CONNECTION LIMIT``: when every connection is taken, "too many
+connections" is a transient fault, waited out under the retry policy."""
 
 from __future__ import annotations
 
@@ -10,7 +16,9 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import random
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -23,8 +31,9 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
 from ..config import ConfigError
-from ..retry import RetryPolicy, ServiceUnavailable, is_transient
+from ..retry import RetryPolicy, ServiceUnavailable, causes, is_transient
 from ..tracking import Store
+from ..tracking.connect import sqlite_problem
 from .job import STUDIES_DIR, StudyJob, check_storage_url, redact
 
 log = logging.getLogger(__name__)
@@ -54,31 +63,75 @@ def _quiet() -> Iterator[None]:
 
 
 STORAGE_RETRY = RetryPolicy("study storage")
+SQLITE_WRITE_ERRORS = ("readonly database", "unable to open database file", "Read-only file system",
+                       "Permission denied")
+
+
+def storage_policy(storage_url: str) -> RetryPolicy:
+    """The retry policy for a storage: for a SQLite file, an error that a file or folder which cannot be written
+    explains (``sqlite_problem``) is permanent and says which; "unable to open database file" alone is not."""
+    if not storage_url.startswith("sqlite"):
+        return STORAGE_RETRY
+
+    def diagnose(exc: BaseException) -> str | None:
+        if not any(text in str(error) for error in causes(exc) for text in SQLITE_WRITE_ERRORS):
+            return None
+        problem = sqlite_problem(storage_url)
+        return problem and f"{redact(storage_url)} {problem}"
+
+    return dataclasses.replace(STORAGE_RETRY, diagnose=diagnose)
 
 
 def open_storage(job: StudyJob) -> RetryingStorage:
-    sqlite = job.storage_url.startswith("sqlite")
-    engine_kwargs = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
+    """The study's storage, with no connection pool (see the module docstring). A SQLite file is then opened per
+    call too, which costs little and sees the file as it is now: one whose file system went read-only reads as
+    read-only, not as a write error on a handle opened before."""
+    engine_kwargs: dict = {"poolclass": sqlalchemy.pool.NullPool}
+    if job.storage_url.startswith("sqlite"):
+        engine_kwargs["connect_args"] = {"timeout": 60}
+    policy = storage_policy(job.storage_url)
     with _quiet(), storage_lock(job.storage_url):
-        storage = STORAGE_RETRY.call(
+        storage = policy.call(
             RDBStorage, job.storage_url, engine_kwargs=engine_kwargs, heartbeat_interval=job.heartbeat_interval,
-            grace_period=GRACE_HEARTBEATS * job.heartbeat_interval,
+            grace_period=GRACE_HEARTBEATS * job.heartbeat_interval, skip_compatibility_check=True,
             heartbeat_stale_trial_callback=StaleTrialHandler(job.tracking_uri))
-    return RetryingStorage(storage)
+        policy.call(check_schema, storage, job.storage_url)
+    return RetryingStorage(storage, policy)
+
+
+def check_schema(storage: RDBStorage, storage_url: str) -> None:
+    """The tables' schema is this Optuna's, checked on one connection: Optuna's own check opens a second one while
+    it holds one, which under the storage lock's would make three."""
+    current, head = storage.get_current_version(), storage.get_head_version()
+    if current != head:
+        raise ConfigError(f"--storage: {redact(storage_url)} holds Optuna tables of schema {current}, and Optuna "
+                          f"{optuna.__version__} uses {head}; upgrade them (optuna storage upgrade --storage <url>) "
+                          "or use the Optuna that made them")
 
 
 class RetryingStorage(BaseStorage, BaseHeartbeat):
     """Optuna's RDB storage with every call under the retry policy: a database that restarts for a moment
-    costs a pause, not a trial (``trial.report`` writes every epoch). ``raw`` is the storage itself, for the
-    heartbeat thread, which skips a beat rather than wait."""
+    costs a pause, not a trial (``trial.report`` writes every epoch). The calls of one process, the heartbeat
+    thread's too, take turns (``turn``), so that the process uses one connection at a time."""
 
-    def __init__(self, storage: RDBStorage) -> None:
-        self.raw = storage
+    def __init__(self, storage: RDBStorage, policy: RetryPolicy = STORAGE_RETRY) -> None:
+        self.raw, self.policy = storage, policy
+        self.turn = threading.RLock()
+
+    def one_try(self, name: str, *args, **kwargs):
+        """One call of the storage's method ``name``, in this process's turn."""
+        with self.turn:
+            return getattr(self.raw, name)(*args, **kwargs)
+
+    def beat(self, trial_ids: Sequence[int]) -> None:
+        """One try at recording the trials' heartbeats: the heartbeat thread skips a beat rather than wait."""
+        for trial_id in trial_ids:
+            self.one_try("record_heartbeat", trial_id)
 
 
 def _retried(name: str):
     def method(self: RetryingStorage, *args, **kwargs):
-        return STORAGE_RETRY.call(getattr(self.raw, name), *args, **kwargs)
+        return self.policy.call(self.one_try, name, *args, **kwargs)
 
     method.__name__ = name
     return method
@@ -142,6 +195,7 @@ def stored_study_names(url: str) -> list[str]:
 
 
 ADVISORY_LOCK_KEY = int.from_bytes(hashlib.sha256(b"sweepbench.study").digest()[:8], "big", signed=True)
+LOCK_FIRST_WAIT, LOCK_LONGEST_WAIT = 0.02, 0.25  # seconds between tries for a lock another process holds
 
 
 @contextlib.contextmanager
@@ -150,7 +204,7 @@ def storage_lock(storage_url: str) -> Iterator[None]:
     database would both create them) and around each trial reservation (see the docstring of ``coordination``)."""
     url = sqlalchemy.engine.make_url(storage_url)
     if url.get_backend_name() == "postgresql":
-        connection = STORAGE_RETRY.call(_advisory_lock, storage_url)
+        connection = _advisory_lock(storage_url)
         try:
             yield
         finally:
@@ -158,24 +212,53 @@ def storage_lock(storage_url: str) -> Iterator[None]:
         return
     database = url.database if url.get_backend_name() == "sqlite" else None
     path = Path(f"{database}.lock") if database else Path.cwd() / STUDIES_DIR / "storage.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with filelock.FileLock(str(path)):
+    lock = filelock.FileLock(str(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except OSError as exc:  # a read-only file system, say: the lock file cannot be opened for writing
+        permanent = storage_policy(storage_url).permanent(exc)
+        if permanent is None:
+            raise
+        raise permanent from exc
+    try:
         yield
+    finally:
+        lock.release()
 
 
 @functools.lru_cache(maxsize=4)
 def _lock_engine(storage_url: str) -> sqlalchemy.engine.Engine:
-    return sqlalchemy.create_engine(storage_url, pool_size=1, pool_pre_ping=True)
+    return sqlalchemy.create_engine(storage_url, poolclass=sqlalchemy.pool.NullPool)
 
 
 def _advisory_lock(storage_url: str) -> sqlalchemy.engine.Connection:
-    """A connection holding the storage's advisory lock, a session lock: it lasts as long as the connection."""
+    """A connection holding the storage's advisory lock, a session lock: it lasts as long as the connection.
+    Taken with ``pg_try_advisory_lock``, each try on a new connection that is closed again while another process
+    holds the lock: waiting costs no connection, which the holder may need under a ``CONNECTION LIMIT``. Each try
+    is under the retry policy (a server that is down is waited for within its budget); waiting for the holder
+    has no limit, as ``pg_advisory_lock``'s has none."""
+    wait = LOCK_FIRST_WAIT
+    while True:
+        connection = STORAGE_RETRY.call(_try_advisory_lock, storage_url)
+        if connection is not None:
+            return connection
+        time.sleep(random.uniform(0.5, 1.5) * wait)  # jitter: waiting workers do not try in step
+        wait = min(2 * wait, LOCK_LONGEST_WAIT)
+
+
+def _try_advisory_lock(storage_url: str) -> sqlalchemy.engine.Connection | None:
+    """A connection holding the advisory lock, or None (and no connection) while another session holds it."""
     connection = _lock_engine(storage_url).connect()
     try:
-        connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
+        taken = connection.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:key)"),
+                                   {"key": ADVISORY_LOCK_KEY}).scalar()
     except BaseException:
         connection.close()
         raise
+    if not taken:
+        connection.close()
+        return None
     return connection
 
 
@@ -227,17 +310,19 @@ class StaleTrialHandler:
 @contextlib.contextmanager
 def _heartbeat(storage: RetryingStorage, trial_ids: Sequence[int], interval: int) -> Iterator[None]:
     """Records the trials' heartbeats every ``interval`` seconds, as ``Study.optimize`` does. A database that is
-    busy or down for a moment costs beats, not the thread (a silent thread would make a live trial look dead)."""
+    busy or down for a moment costs beats, not the thread (a silent thread would make a live trial look dead). A
+    permanent error ends the beats quietly: the trial's own next call ends the worker, in one line."""
     stop = threading.Event()
 
     def beat() -> None:
         wait = interval
         while not stop.wait(wait):
             try:
-                for trial_id in trial_ids:
-                    storage.raw.record_heartbeat(trial_id)
+                storage.beat(trial_ids)
                 wait = interval
             except Exception as exc:
+                if storage.policy.permanent(exc) is not None:
+                    return
                 if not is_transient(exc):
                     raise
                 wait = min(interval, HEARTBEAT_RETRY_SECONDS)  # beat again as soon as the storage is back

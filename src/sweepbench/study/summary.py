@@ -12,6 +12,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from .coordination import FINISHED, Tally
+from .identity import VERSION_ATTR
 from .storage import ERROR_ATTR, _quiet
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,12 @@ def metric_names(study: optuna.Study) -> list[str]:
 def trials_table(study: optuna.Study, limit: int | None = None) -> pd.DataFrame:
     """The comparison table, best trial first: state, objective values, parameters, epochs, seconds, error."""
     names = metric_names(study)
+    versioned = study.user_attrs.get(VERSION_ATTR, 1) > 1  # a changed spec: which version each trial ran under
     rows = []
     for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: _rank_key(study, t))[:limit or None]:
         row: dict[str, Any] = {"trial": trial.number, "state": trial.state.name}
+        if versioned:
+            row[VERSION_ATTR] = trial.user_attrs.get(VERSION_ATTR)
         row.update(zip(names, trial.values or [None] * len(names)))
         row.update(trial.params)
         row["epochs"] = trial.user_attrs.get("epochs_run", len(trial.intermediate_values))
@@ -91,7 +95,7 @@ def describe_study(study: optuna.Study, limit: int = 10) -> str:
     best = best_trial(study)
     if best is not None:
         values = ", ".join(f"{name} {value:.4f}" for name, value in zip(metric_names(study), best.values))
-        lines.append(f"best trial #{best.number}: {values}; {best.params}")
+        lines.append(f"best trial #{best.number}: {values}; {best.params}{_version_note(study, best)}")
     share = bookkeeping_share(study)
     if share is not None:
         lines.append(f"bookkeeping (Optuna + MLflow): {100 * share:.1f}% of trial time")
@@ -102,6 +106,17 @@ def describe_study(study: optuna.Study, limit: int = 10) -> str:
     if left_out > 0:
         lines.append(f"... and {left_out} more trial(s) not shown (--limit 0 shows all)")
     return "\n".join(lines)
+
+
+def _version_note(study: optuna.Study, trial: FrozenTrial) -> str:
+    """For a study whose spec changed: the spec version the trial ran under, and a warning when it is not the
+    latest (the current spec may not be able to produce it)."""
+    latest = study.user_attrs.get(VERSION_ATTR, 1)
+    if latest == 1:
+        return ""
+    version = trial.user_attrs.get(VERSION_ATTR)
+    stale = "" if version == latest else f", not the latest {latest}: the current spec may not produce it"
+    return f" (spec version {version}{stale})"
 
 
 def describe_importances(study: optuna.Study) -> str:

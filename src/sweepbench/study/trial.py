@@ -25,6 +25,7 @@ from ..models import check_config
 from ..retry import ServiceUnavailable
 from ..tracking import MlflowLogger, Store, config_params
 from .checkpoints import keep_checkpoints, trial_checkpoint_dir
+from .identity import VERSION_ATTR, VERSION_TAG
 from .job import StudyJob
 from .spec import EPOCH_METRICS, ParamSpec, StudySpec
 from .storage import (ERROR_ATTR, FAILURE_ATTR, INFRASTRUCTURE, MAX_RETRIES, RUN_ID_ATTR, WORKER_ATTR,
@@ -122,8 +123,11 @@ STALE_MESSAGE = ("another worker failed this trial as stale (no heartbeat for lo
                  "this worker paused?) and queued its parameters again; this worker stops it and moves on")
 
 
-def trial_tags(spec: StudySpec, trial: optuna.Trial | FrozenTrial) -> dict[str, str]:
-    return {"optuna.study_name": spec.name, "optuna.trial_number": str(trial.number)}
+def trial_tags(spec: StudySpec, trial: optuna.Trial | FrozenTrial, spec_version: int | None) -> dict[str, str]:
+    tags = {"optuna.study_name": spec.name, "optuna.trial_number": str(trial.number)}
+    if spec_version is not None:
+        tags[VERSION_TAG] = str(spec_version)
+    return tags
 
 
 def _record_failed_run(job: StudyJob, trial: optuna.Trial, parent_run_id: str, message: str) -> None:
@@ -132,7 +136,8 @@ def _record_failed_run(job: StudyJob, trial: optuna.Trial, parent_run_id: str, m
     store = Store(job.tracking_uri)
     params = {**config_params(job.spec.base_config), **{name: str(value) for name, value in trial.params.items()}}
     run_id = store.start_run(store.experiment(job.spec.name), f"trial-{trial.number:04d}", "trial",
-                             {**trial_tags(job.spec, trial), "status": "failed"}, params, parent_run_id)
+                             {**trial_tags(job.spec, trial, job.spec_version), "status": "failed"}, params,
+                             parent_run_id)
     store.fail_run(run_id, message)
     trial.set_user_attr(RUN_ID_ATTR, run_id)
 
@@ -205,9 +210,10 @@ def release(study: optuna.Study, trials: Sequence[optuna.Trial], message: str) -
 def _prepare(study: optuna.Study, trial: optuna.Trial, job: StudyJob, parent_run_id: str) -> Member | None:
     spec = job.spec
     trial.set_user_attr(WORKER_ATTR, f"{platform.node()}:{os.getpid()}")
+    trial.set_user_attr(VERSION_ATTR, job.spec_version)
     mlflow_logger = MlflowLogger(spec.name, job.tracking_uri, run_name=f"trial-{trial.number:04d}",
-                                 parent_run_id=parent_run_id, tags=trial_tags(spec, trial), log_model=False,
-                                 log_artifacts=False, kind="trial")
+                                 parent_run_id=parent_run_id, tags=trial_tags(spec, trial, job.spec_version),
+                                 log_model=False, log_artifacts=False, kind="trial")
     single_epoch_metric = len(spec.objectives) == 1 and spec.metric_names[0] in EPOCH_METRICS
     callback = TrialCallback(trial, mlflow_logger, spec.metric_names[0] if single_epoch_metric else None)
     try:

@@ -16,8 +16,11 @@ import socket
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
+from typing import Any, Callable
 
 from ..paths import folder_problem
+from ..retry import permanent_reason
 from ..validators import ConfigError
 from .store import TRACKING_URI_ENV, default_store_path, is_server, sqlite_path, uri_scheme
 
@@ -70,22 +73,37 @@ def _tracking_problem(uri: str, must_exist: bool) -> str | None:
 
 def sqlite_problem(url: str, must_hold: str | None = None) -> str | None:
     """Why ``url`` cannot be a SQLite database file, or None: it must be ``sqlite:///<file>``, not a folder, and
-    either exist or have a folder that can be made. ``must_hold`` (what the file must already hold): it must exist."""
+    either exist and be writable or have a folder that can be made. ``must_hold`` (what the file must already hold,
+    for a command that only reads it): it must exist, and need not be writable."""
     path = sqlite_path(url)
     if path is None:
         return "is not a SQLite file URL; use sqlite:///<relative path> or sqlite:////<absolute path>"
     if path.is_dir():
         return f"names a folder, {path}; give a database file"
     if path.exists():
-        return None
+        return None if must_hold else _write_problem(path)
     if must_hold:
         return f"does not exist ({path}: no such file); give the file that holds {must_hold}"
     problem = folder_problem(path.parent)
     return problem and f"cannot be created: {problem}; give a file in a folder you can write to"
 
 
-def database_problem(url: str) -> str | None:
-    """Why a database server does not open ``url`` (one connection, ``PROBE_SECONDS`` at most), or None."""
+def _write_problem(path: Path) -> str | None:
+    """Why SQLite cannot write the existing file ``path``, or None: the file must be writable, and its folder too,
+    where SQLite writes its journal. ``os.access`` says no on a read-only file system even to root; the file is
+    not opened, since closing a handle on a SQLite file drops the locks this process holds on it."""
+    for target in (path, path.parent):
+        if not os.access(target, os.W_OK):
+            why = "Read-only file system" if os.statvfs(target).f_flag & os.ST_RDONLY else "Permission denied"
+            where = f"({path}: {why})" if target == path else f"(its folder {target}: {why}, for SQLite's journal)"
+            return f"cannot be written {where}; give a file you can write to"
+    return None
+
+
+def database_problem(url: str, connections: Callable[[Any], tuple[int, str]] | None = None) -> str | None:
+    """Why a database server does not open ``url`` (one connection, ``PROBE_SECONDS`` at most), or None. With
+    ``connections``, which reads on the open connection how many a command needs at once and says who needs them:
+    why a PostgreSQL server does not let the URL's user open that many."""
     import sqlalchemy
 
     try:
@@ -97,13 +115,37 @@ def database_problem(url: str) -> str | None:
     except sqlalchemy.exc.ArgumentError:
         return "is not a database URL; use <scheme>://<user>@<host>[:<port>]/<database>"
     try:
-        with engine.connect():
+        with engine.connect() as connection:
+            if connections and parsed.get_backend_name() == "postgresql":
+                return connection_limit_problem(connection, *connections(connection))
             return None
     except sqlalchemy.exc.DBAPIError as exc:
+        if permanent_reason(exc):
+            return (f"is refused by the server ({_reason(exc.orig)}), which retrying will not change; give a user, "
+                    "password and database the server accepts")
         return (f"cannot be opened within {PROBE_SECONDS} s ({_reason(exc.orig)}); check that the server runs and "
                 "the host, port, user and database in the URL")
     finally:
         engine.dispose()
+
+
+LIMITS_QUERY = """SELECT r.rolname, r.rolsuper, r.rolconnlimit, d.datname, d.datconnlimit FROM pg_roles r, pg_database d
+WHERE r.rolname = current_user AND d.datname = current_database()"""
+
+
+def connection_limit_problem(connection: Any, needed: int, who: str) -> str | None:
+    """Why the ``CONNECTION LIMIT`` of the connection's role or database (-1: none; superusers are exempt) is
+    below what ``who`` needs at once, ``needed``, or None. Only limits are read: connections that other commands
+    hold now are waited for."""
+    import sqlalchemy
+
+    role, superuser, role_limit, database, database_limit = connection.execute(sqlalchemy.text(LIMITS_QUERY)).one()
+    for kind, name, limit in (("ROLE", role, role_limit), ("DATABASE", database, database_limit)):
+        if not superuser and 0 <= limit < needed:
+            return (f"lets {kind.lower()} {name} open {limit} connection(s) at once (its CONNECTION LIMIT), and "
+                    f"{who} needs {needed} at once; raise it to {needed} or more, e.g. ALTER {kind} {name} "
+                    f"CONNECTION LIMIT {needed}")
+    return None
 
 
 def _reason(error: BaseException) -> str:
