@@ -111,6 +111,12 @@ SPEC_CASES = {  # name: (spec text, what the one line says)
     "pack 0": (spec(budget="pack = 0"), r"budget.pack: 0 is out of range; it must be >= 1"),
     "pack with torchvision": (spec(top='[train]\nloader = "torchvision"', budget="pack = 4"),
                               r"budget.pack: 4 trains trials fused, which needs loader = 'device'"),
+    "pack with fp16": (spec(top='[train]\nprecision = "fp16"', budget="pack = 4"),
+                       r"budget.pack: 4 trains trials fused, which needs precision other than 'fp16'"),
+    "pack with searched compile": (spec(budget="pack = 2") + '[search.compile]\ntype = "categorical"\n'
+                                   'choices = [true, false]\n',
+                                   r"budget.pack: 2 trains trials fused, which needs compile = False \(fixed, not "
+                                   r"searched\)"),
     "keep checkpoints some": (spec(budget='keep_checkpoints = "some"'),
                               r"budget.keep_checkpoints: 'some' is not allowed; choose one of: best, all, none"),
 }

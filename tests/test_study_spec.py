@@ -182,3 +182,17 @@ def test_overrides_are_validated_like_the_spec() -> None:
         spec.with_overrides(n_trials=0)
     with pytest.raises(ConfigError, match="precision: 'fp64' is not allowed"):
         spec.with_overrides(precision="fp64")
+
+
+def test_an_unknown_sampler_is_refused_by_the_factory_not_run_as_another() -> None:
+    """The spec's choices and the factory read one registry: a name that reaches the factory unchecked (a spec
+    made in code) is refused, never run as a grid."""
+    import dataclasses
+
+    from sweepbench.study.samplers import create_sampler, sampler_names
+
+    spec = parse_spec(_spec())
+    assert sampler_names() == ("tpe", "random", "cmaes", "gp", "grid")
+    assert type(create_sampler(dataclasses.replace(spec, sampler="random"), 0)).__name__ == "RandomSampler"
+    with pytest.raises(ConfigError, match="sampler: unknown sampler 'bayes'; registered samplers: cmaes, gp, grid"):
+        create_sampler(dataclasses.replace(spec, sampler="bayes"), 0)

@@ -33,6 +33,10 @@ class Registry(Generic[Entry]):
     def names(self) -> list[str]:
         return sorted(self._entries)
 
+    def in_order(self) -> list[str]:
+        """The names in the order they were registered."""
+        return list(self._entries)
+
     def get(self, name: str) -> Entry:
         if name not in self._entries:
             raise ConfigError(f"{self.kind}: unknown {self.kind} {name!r}; registered {self.kind}s: "

@@ -36,7 +36,6 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import optuna
@@ -48,6 +47,7 @@ from ..config import ConfigError
 from ..retry import PermanentError, ServiceUnavailable
 from . import identity
 from .job import StudyJob, redact
+from .samplers import create_sampler
 from .spec import StudySpec
 from .storage import (FAILURE_ATTR, INFRASTRUCTURE, PARENT_RUN_ATTR, RETRY_HISTORY, SEED_CLAIM_ATTR,
                       RetryingStorage, _quiet, open_storage, storage_lock)
@@ -57,27 +57,6 @@ POLL_SECONDS = 1.0
 PARENT_CHECK_SECONDS = 1.0
 INTERRUPT_GRACE_SECONDS = 3
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-def create_sampler(spec: StudySpec, seed: int | None) -> optuna.samplers.BaseSampler:
-    startup = {} if spec.sampler_startup_trials is None else {"n_startup_trials": spec.sampler_startup_trials}
-    if spec.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, constant_liar=True, **startup)
-    if spec.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if spec.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=seed, **startup)
-    if spec.sampler == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, **startup)
-    return GridSampler({param.name: param.grid_values() for param in spec.search}, seed=seed)
-
-
-class GridSampler(optuna.samplers.GridSampler):
-    """Optuna's grid sampler without its ``study.stop()`` once the grid is done: that call only works inside
-    ``Study.optimize``, and the workers here stop at ``target_trials()`` (capped at the grid's size) anyway."""
-
-    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
-        return None
 
 
 def create_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:

@@ -18,10 +18,11 @@ from typing import Any
 from ..config import (KWARGS_FIELDS, ConfigError, RunConfig, apply_overrides, error_within, field_names,
                       searchable_fields)
 from ..data import get_dataset_entry
+from ..engine.fused.pack import PACK_RULES, pack_refusals
 from ..models import check_fits, check_model_kwargs, get_model_entry
 from .. import tomlcheck
+from .samplers import SAMPLERS, sampler_names
 
-SAMPLERS = ("tpe", "random", "cmaes", "gp", "grid")
 PRUNERS = ("median", "hyperband", "none")
 PARAM_TYPES = ("int", "float", "categorical")
 DIRECTIONS = ("maximize", "minimize")
@@ -35,8 +36,6 @@ PRUNER_KEYS = {"median": ("name", "n_startup_trials", "n_warmup_steps"),
                "none": ("name",)}
 PRUNER_MINIMUMS = {"min_resource": 1, "reduction_factor": 2}
 BUDGET_KEYS = ("n_trials", "timeout", "max_failed_trials", "max_grid_points", "keep_checkpoints", "pack")
-# Settings a fused pack cannot have (``engine.fused``): a packed study may neither fix nor search them otherwise.
-PACK_REQUIRES = {"loader": "device", "compile": False}
 # What a study keeps of its trials' checkpoints: the best trial's best.pt (a Pareto study: each best trial's),
 # every trial's best.pt and last.pt, or nothing.
 KEEP_CHECKPOINTS = ("best", "all", "none")
@@ -172,7 +171,7 @@ def _parse(data: dict[str, Any], source: str) -> StudySpec:
             raise ConfigError(f"search.{param.name}: also fixed in [train]; keep it in one place")
     sampler = tomlcheck.table("sampler", data.get("sampler", {}))
     tomlcheck.check_keys("sampler", sampler, SAMPLER_KEYS)
-    sampler_name = tomlcheck.choice("sampler.name", sampler.get("name", "tpe"), SAMPLERS)
+    sampler_name = tomlcheck.choice("sampler.name", sampler.get("name", "tpe"), sampler_names())
     pruner = tomlcheck.table("pruner", data.get("pruner", {}))
     default_pruner = "median" if len(objectives) == 1 else "none"
     pruner_name = tomlcheck.choice("pruner.name", pruner.get("name", default_pruner), PRUNERS)
@@ -206,16 +205,18 @@ def _parse(data: dict[str, Any], source: str) -> StudySpec:
 
 
 def _check_pack(spec: StudySpec) -> None:
-    """A packed study's trials must be able to train fused (``engine.fused``)."""
+    """A packed study's trials must be able to train fused: the engine's own rules (``engine.fused.PACK_RULES``),
+    on fixed settings only, so that no trial breaks one at run time."""
     if spec.pack == 1:
         return
     searched = {param.name for param in spec.search}
-    for name, needed in PACK_REQUIRES.items():
-        if name in searched or getattr(spec.base_config, name) != needed:
-            raise ConfigError(f"budget.pack: {spec.pack} trains trials fused, which needs {name} = {needed!r} "
-                              f"(fixed, not searched); set budget.pack = 1 or {name} = {needed!r}")
-    if spec.base_config.resume:
-        raise ConfigError("budget.pack: a fused pack cannot resume a checkpoint; remove train.resume")
+    for name, (_, needs, _) in PACK_RULES.items():
+        if name in searched:
+            raise ConfigError(f"budget.pack: {spec.pack} trains trials fused, which needs {needs} (fixed, not "
+                              f"searched); set budget.pack = 1 or fix {name} in [train]")
+    for name, needs, advice in pack_refusals(spec.base_config):
+        raise ConfigError(f"budget.pack: {spec.pack} trains trials fused, which needs {needs} (train.{name} is "
+                          f"{getattr(spec.base_config, name)!r}: {advice}); or set budget.pack = 1")
 
 
 def _base_config(data: dict[str, Any]) -> RunConfig:
@@ -339,11 +340,14 @@ def _check_combination(spec: StudySpec) -> None:
     if spec.pruner != "none" and spec.objectives[0].metric not in EPOCH_METRICS:
         raise ConfigError(f"pruner.name: {spec.pruner!r} needs a per-epoch first objective "
                           f"({', '.join(EPOCH_METRICS)}); use 'none' for {spec.objectives[0].metric!r}")
-    if spec.sampler_startup_trials is not None and spec.sampler in ("random", "grid"):
+    sampler = SAMPLERS.get(spec.sampler)
+    if spec.sampler_startup_trials is not None and not sampler.startup_trials:
+        with_startup = [name for name in sampler_names() if SAMPLERS.get(name).startup_trials]
         raise ConfigError(f"sampler.n_startup_trials: the {spec.sampler!r} sampler has no startup phase; "
-                          "it applies to tpe, gp, cmaes")
-    if spec.sampler == "cmaes" and len(spec.objectives) > 1:
-        raise ConfigError("sampler.name: 'cmaes' is single-objective; choose one of: tpe, random, gp, grid")
+                          f"it applies to {', '.join(with_startup)}")
+    if not sampler.multi_objective and len(spec.objectives) > 1:
+        pareto = [name for name in sampler_names() if SAMPLERS.get(name).multi_objective]
+        raise ConfigError(f"sampler.name: {spec.sampler!r} is single-objective; choose one of: {', '.join(pareto)}")
     if spec.sampler == "grid":
         for param in spec.search:
             if param.type == "float" and param.step is None:

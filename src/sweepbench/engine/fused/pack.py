@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ...config import ConfigError, RunConfig
 from ...models import get_model_entry
@@ -17,6 +17,18 @@ MEMBER_FIELDS = ("lr", "lr_gamma", "momentum", "nesterov", "weight_decay", "opti
 # Neither: ``download`` (any member's allows it), ``resume`` (refused).
 OTHER_FIELDS = ("download", "resume")
 PACK_TAG_PREFIX = "sweepbench."
+# What a pack cannot train, one rule per field: (refused(value), what a pack needs, advice). The one home of these
+# rules: the engine refuses members that break one, a packed study's spec is checked against them (study.spec).
+PACK_RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
+    "resume": (bool, "no resume", "a fused run starts every member anew; resume a member's checkpoint with "
+                                  "engine.train"),
+    "compile": (bool, "compile = False", "fused training runs its vmapped model eagerly; use compile false"),
+    "loader": (lambda loader: loader != "device", "loader = 'device'",
+               "fused training batches on the device; use loader 'device'"),
+    "precision": (lambda precision: precision == "fp16", "precision other than 'fp16'",
+                  "fp16 needs a loss scaler per member, which fused training does not have; use fp32 or bf16 "
+                  "(tf32 on CUDA)"),
+}
 
 
 def _shared_value(config: RunConfig, name: str) -> Any:
@@ -68,17 +80,14 @@ def check_pack(configs: Sequence[RunConfig]) -> None:
 
 
 def _check_member(index: int, config: RunConfig) -> None:
-    refusals = {
-        "resume": (config.resume, "a fused run starts every member anew; resume a member's checkpoint with "
-                                  "engine.train"),
-        "compile": (config.compile, "fused training runs its vmapped model eagerly; use compile false"),
-        "loader": (config.loader != "device", "fused training batches on the device; use loader 'device'"),
-        "precision": (config.precision == "fp16", "fp16 needs a loss scaler per member, which fused training does "
-                                                  "not have; use fp32 or bf16 (tf32 on CUDA)"),
-    }
-    for name, (refused, advice) in refusals.items():
-        if refused:
-            raise ConfigError(f"{name}: member {index} has {getattr(config, name)!r}; {advice}")
+    for name, _, advice in pack_refusals(config):
+        raise ConfigError(f"{name}: member {index} has {getattr(config, name)!r}; {advice}")
+
+
+def pack_refusals(config: RunConfig) -> list[tuple[str, str, str]]:
+    """The ``PACK_RULES`` that ``config`` breaks, as (field, what a pack needs, advice)."""
+    return [(name, needs, advice) for name, (refused, needs, advice) in PACK_RULES.items()
+            if refused(getattr(config, name))]
 
 
 def pack_tags(pack_id: str, size: int, member: int) -> dict[str, str]:
