@@ -57,8 +57,12 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work: CUDA and MPS run asynchronously, so a time taken without this
+    measures how fast Python queues kernels, not how fast the device runs them."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def peak_memory_mb(device: torch.device) -> float:
