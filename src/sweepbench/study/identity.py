@@ -147,11 +147,11 @@ def settle(study: optuna.Study, spec: StudySpec, where: str, new_version: bool =
 def refusal(study: optuna.Study, spec: StudySpec, where: str) -> ConfigError | None:
     """The one-line refusal of a spec whose identity is not the study's latest; None when it is, or when the
     study has none recorded."""
-    recorded = versions(study)
-    if not recorded or recorded[max(recorded)]["identity"] == identity(spec):
+    recorded, current = versions(study), identity(spec)
+    latest = max(recorded, default=None)
+    if latest is None or recorded[latest]["identity"] == current:
         return None
-    latest = max(recorded)
-    described = changes(recorded[latest]["identity"], identity(spec))
+    described = changes(recorded[latest]["identity"], current)
     shown = "; ".join(described[:SHOWN_CHANGES]) + (f"; and {len(described) - SHOWN_CHANGES} more"
                                                     if len(described) > SHOWN_CHANGES else "")
     return ConfigError(f"study: {spec.name!r} in {where} was made from another spec (version {latest}, "
