@@ -14,6 +14,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from .devices import device_choices
+from .precisions import baseline_precision, precision_choices, precision_help, trap
 from .validators import ConfigError, at_least, boolean, choice, integer, number, string, table
 
 if sys.version_info >= (3, 11):
@@ -22,8 +24,8 @@ else:
     import tomli as tomllib
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adadelta")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+DEVICES = device_choices()
+PRECISIONS = precision_choices()
 LOADERS = ("device", "torchvision")
 KWARGS_FIELDS = ("model_kwargs", "dataset_kwargs")
 BENCH_GRID = "grid"  # a benchmark file sets these through grid.precisions
@@ -61,7 +63,7 @@ class RunConfig:
     epochs: int = setting(1, help="epochs")
     seed: int = setting(0, help="seed of initialisation and data order")
     device: str = setting("auto", help="device", choices=DEVICES, bench=BENCH_GRID)
-    precision: str = setting("fp32", help="precision (autocast; GradScaler for fp16)", choices=PRECISIONS,
+    precision: str = setting(baseline_precision(), help=precision_help(), choices=PRECISIONS,
                              bench=BENCH_GRID)
     compile: bool = setting(False, help="torch.compile the model")
     loader: str = setting("device", help="input path", choices=LOADERS)
@@ -154,9 +156,9 @@ def advice(config: RunConfig, device_type: str, train_size: int) -> list[str]:
     """What a run's settings, legal as they are, probably get wrong on ``device_type`` with ``train_size``
     training images."""
     notes = []
-    if config.precision == "fp16" and device_type == "cpu":
-        notes.append("precision: fp16 autocast on a CPU is emulated and runs many times slower than fp32 "
-                     "(50x for the MNIST MLP); use bf16 or fp32 on CPU")
+    precision_trap = trap(config.precision, device_type)
+    if precision_trap:
+        notes.append(precision_trap)
     if config.momentum and config.optimizer not in MOMENTUM_OPTIMIZERS:
         notes.append(f"momentum: {config.momentum} is ignored by optimizer {config.optimizer!r}; it applies to "
                      f"{', '.join(MOMENTUM_OPTIMIZERS)}")

@@ -1,6 +1,7 @@
-"""Facts about the machine a run runs on, shared by the engine, tracking and benchmarks: which device, its name,
-the precision settings and autocast for it, CUDA synchronisation, peak memory, and the environment (hardware,
-library versions, git commit) that a run records."""
+"""Facts about the machine a run runs on, shared by the engine, tracking and benchmarks: the device's name and
+the environment (hardware, library versions, git commit) that a run records. What each device and precision does
+(resolving, synchronising, peak memory, autocast, TF32 switches) is their registry entry's, in ``devices`` and
+``precisions``; it is re-exported here."""
 
 from __future__ import annotations
 
@@ -8,25 +9,17 @@ import contextlib
 import functools
 import os
 import platform
-import resource
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import ConfigError
+from .devices import peak_memory_mb, reset_peak_memory, resolve_device, synchronize
+from .precisions import autocast, set_precision_flags
 
-
-def resolve_device(name: str) -> torch.device:
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    available = ["cpu"] + (["cuda"] if cuda else []) + (["mps"] if mps else [])
-    if name == "auto":
-        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
-    if name not in available:
-        raise ConfigError(f"device: {name!r} requested but not available on this machine; available: "
-                          f"{', '.join(available)} (or auto)")
-    return torch.device(name)
+__all__ = ["autocast", "device_name", "environment_record", "environment_tags", "git_commit", "peak_memory_mb",
+           "reset_peak_memory", "resolve_device", "set_precision_flags", "synchronize"]
 
 
 def device_name(device: torch.device) -> str:
@@ -39,37 +32,6 @@ def device_name(device: torch.device) -> str:
                     return line.split(":", 1)[1].strip()
         return platform.processor() or platform.machine()
     return device.type
-
-
-def set_precision_flags(device: torch.device, precision: str) -> None:
-    if precision == "tf32" and device.type != "cuda":
-        raise ConfigError(f"precision: 'tf32' needs device cuda, got {device.type}; on {device.type} use fp32, bf16")
-    allow_tf32 = precision == "tf32"
-    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-    torch.backends.cudnn.allow_tf32 = allow_tf32
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(device_type=device.type, dtype=dtype)
-    return contextlib.nullcontext()
-
-
-def synchronize(device: torch.device) -> None:
-    """Waits for the device's queued work: CUDA and MPS run asynchronously, so a time taken without this
-    measures how fast Python queues kernels, not how fast the device runs them."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak CUDA memory allocated by tensors on CUDA; the process's peak resident set size elsewhere."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @functools.lru_cache(maxsize=1)

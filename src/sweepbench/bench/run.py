@@ -14,6 +14,8 @@ from ..config import ConfigError
 from ..data import DataNotFoundError
 from ..engine import RunResult, device_name, resolve_device, train
 from .. import report
+from ..precisions import PRECISIONS
+from ..status import MlflowStatus, RunStatus, mlflow_status
 from ..tracking import MlflowLogger, Store, config_params, config_tags, environment_tags
 from .spec import BenchSpec, Cell
 from .table import CellOutcome, build_table, cell_figures, plot_speedups
@@ -26,9 +28,7 @@ def skip_reason(precision: str) -> str | None:
         device = resolve_device(device_type)
     except ConfigError:
         return f"{device_type.upper()} not available"
-    if device.type == "cuda" and dtype == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        return f"bf16 not supported by {device_name(device)}"
-    return None
+    return PRECISIONS.get(dtype).unsupported(device)
 
 
 @dataclass
@@ -61,7 +61,7 @@ def _run_repeats(cell: Cell, repeats: int, tracking: _Tracking,
                               log_model=False, log_artifacts=False, kind="repeat")
         results.append(train(cell.config.replace(seed=cell.config.seed + repeat - 1), [logger]))
         loads.append(os.getloadavg()[0])
-        if results[-1].status != "completed":
+        if results[-1].status != RunStatus.COMPLETED:
             break
     return results, loads
 
@@ -77,24 +77,25 @@ def run_cell(cell: Cell, spec: BenchSpec, tracking: _Tracking) -> CellOutcome:
     store, run_id = tracking.store, tracking.start_cell(cell, hardware)
     if reason is not None:
         outcome = CellOutcome(cell, f"skipped: {reason}", run_id, cell_figures(cell, [], spec.warmup_epochs))
-        store.end_run(run_id, "KILLED", {"status": outcome.status, "skipped": reason})
+        store.end_run(run_id, MlflowStatus.KILLED, {"status": outcome.status, "skipped": reason})
         return outcome
     try:
         results, loads = _run_repeats(cell, spec.repeats, tracking, run_id)
     except KeyboardInterrupt:
-        store.end_run(run_id, "KILLED", {"status": "killed: interrupted"})
+        store.end_run(run_id, MlflowStatus.KILLED, {"status": f"{RunStatus.KILLED}: interrupted"})
         raise
     except Exception as exc:
         outcome = CellOutcome(cell, f"failed: {type(exc).__name__}: {exc}", run_id,
                               cell_figures(cell, [], spec.warmup_epochs))
-        store.end_run(run_id, "FAILED", {"status": outcome.status})
+        store.end_run(run_id, MlflowStatus.FAILED, {"status": outcome.status})
         if isinstance(exc, (ConfigError, DataNotFoundError)):
             raise
         return outcome
-    status = "ok" if results[-1].status == "completed" else f"{results[-1].status}: {results[-1].message}"
+    last = results[-1]
+    status = "ok" if last.status == RunStatus.COMPLETED else f"{last.status}: {last.message}"
     outcome = CellOutcome(cell, status, run_id, cell_figures(cell, results, spec.warmup_epochs, loads))
     store.log(run_id, metrics=_finite(outcome.figures))
-    store.end_run(run_id, "FINISHED" if status == "ok" else "FAILED", {"status": status})
+    store.end_run(run_id, mlflow_status(last.status), {"status": status})
     return outcome
 
 

@@ -10,17 +10,20 @@ from typing import Any, Callable, Sequence
 from ..config import (BENCH_GRID, BENCH_UNSUPPORTED, LOADERS, ConfigError, RunConfig, apply_overrides, bench_fields,
                       error_within)
 from ..data import get_dataset_entry
+from ..devices import baseline_device, benchmarked_devices
+from ..precisions import advised, baseline_precision
 from ..models import check_fits, check_model_kwargs
 from .. import tomlcheck
 
-PRECISIONS = ("cpu/fp32", "cpu/bf16", "cuda/fp32", "cuda/tf32", "cuda/fp16", "cuda/bf16")
+# device/precision pairs: every benchmarked device with each precision that runs there and is no trap there
+PRECISIONS = tuple(f"{device}/{precision}" for device in benchmarked_devices() for precision in advised(device))
 SECTIONS = ("benchmark", "grid", "defaults", "models")
 BENCHMARK_KEYS = ("name", "description", "repeats", "warmup_epochs", "baseline", "accuracy_tolerance")
 AXES = ("precisions", "loaders", "compile", "batch_sizes")
 BASELINE_KEYS = ("precision", "loader", "compile", "batch_size")
 GRID_OWNED_FIELDS = tuple(bench_fields(BENCH_GRID))
 UNSUPPORTED_FIELDS = tuple(bench_fields(BENCH_UNSUPPORTED))
-DEFAULT_BASELINE = "cpu/fp32"
+DEFAULT_BASELINE = f"{baseline_device()}/{baseline_precision()}"
 
 
 @dataclass(frozen=True)

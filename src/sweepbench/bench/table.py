@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import pandas as pd
-from ..engine import RunResult
+
 from .. import report
+from ..engine import RunResult
+from ..status import RunStatus
 from .spec import BASELINE_KEYS, BenchSpec, Cell
 
 
@@ -40,7 +42,7 @@ def cell_figures(cell: Cell, results: Sequence[RunResult], warmup_epochs: int,
     """A cell's figures over its completed repeats (None where none completed), as table columns.
     ``load_1m_max``: the highest 1-minute load average seen after a repeat; the benchmark alone makes it
     about the number of torch threads, so a higher figure means other work shared the cores."""
-    completed = [result for result in results if result.status == "completed"]
+    completed = [result for result in results if result.status == RunStatus.COMPLETED]
     timed = [result.history[warmup_epochs:] for result in completed]
     epoch_medians = [statistics.median(r.epoch_seconds for r in records) for records in timed]
     reached = [r.time_to_target_seconds for r in completed if r.time_to_target_seconds is not None]

@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from ..config import DEVICES, PRECISIONS, parse_overrides
+from ..devices import benchmarked_devices
+from ..status import MlflowStatus
 from ..validators import choice
 from .options import add_data_args, add_set_arg, add_tracking_args, split_list, write_output
 
@@ -40,8 +42,8 @@ def add_report_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("report", help="comparison tables and charts from MLflow runs")
     parser.add_argument("--experiment", action="append", help="experiment to read (repeatable; default: all)")
     parser.add_argument("--filter", default="", help="MLflow search filter, e.g. \"params.optimizer = 'sgd'\"")
-    parser.add_argument("--status", default="FINISHED", help="FINISHED, FAILED, KILLED (pruned trials among them), "
-                                                             "RUNNING or all")
+    parser.add_argument("--status", default=str(MlflowStatus.FINISHED),
+                        help="FINISHED, FAILED, KILLED (pruned trials among them), RUNNING or all")
     parser.add_argument("--kind", default="train,trial,repeat",
                         help="run kinds, comma-separated: the runs that train (train, trial, repeat: the default) "
                              "and the summaries (study, bench, cell)")
@@ -147,7 +149,7 @@ def _study_run(args: argparse.Namespace) -> int:
         print(f"sweepbench: error: {exc}", file=sys.stderr)
         return 1
     print(outcome.describe())
-    return 0 if outcome.status == "FINISHED" else 1
+    return 0 if outcome.status == MlflowStatus.FINISHED else 1
 
 
 def _study_show(args: argparse.Namespace) -> int:
@@ -178,7 +180,7 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("spec", metavar="FILE", help="benchmark file, e.g. benchmarks/quick.toml")
     parser.add_argument("--repeats", type=int, help="repeats per cell (default: the file's, else 3)")
     parser.add_argument("--epochs", type=int, help="epochs per repeat for every cell (default: the file's)")
-    parser.add_argument("--device", action="append", choices=("cpu", "cuda"),
+    parser.add_argument("--device", action="append", choices=benchmarked_devices(),
                         help="run only the cells on this device, plus their baseline cells (repeatable)")
     parser.add_argument("--experiment", help="MLflow experiment name (default: bench-<benchmark name>)")
     parser.add_argument("--format", default="md", help="table format: md, csv, json, html or latex")

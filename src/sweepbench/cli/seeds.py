@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..config import ConfigError, RunConfig
+from ..status import RunStatus
 from .train import percent
 
 SEED_GROUP_TAG = "sweepbench.seed_group"  # the runs of one ``--seeds`` command
@@ -60,7 +61,7 @@ def train_seeds(args: argparse.Namespace, config: RunConfig) -> int:
         runs = [{**summary, "seed": config.seed, "mlflow_run_id": logger.run_id if loggers else None}
                 for summary, config, logger in zip(summaries, configs, loggers or [None] * len(configs))]
         print(json.dumps({"runs": runs, "across_seeds": across_seeds(summaries)}))
-    return 0 if all(result.status == "completed" for result in results) else 1
+    return 0 if all(result.status == RunStatus.COMPLETED for result in results) else 1
 
 
 def _loggers(args: argparse.Namespace, configs: Sequence[RunConfig]) -> list:
@@ -77,7 +78,7 @@ def across_seeds(summaries: Sequence[dict]) -> dict[str, dict[str, float | int]]
     """Mean, standard deviation, min and max of each summary metric over the seeds that completed."""
     spread = {}
     for metric in SUMMARY_METRICS:
-        values = [summary[metric] for summary in summaries if summary["status"] == "completed"
+        values = [summary[metric] for summary in summaries if summary["status"] == RunStatus.COMPLETED
                   and summary[metric] is not None]
         if values:
             spread[metric] = {"runs": len(values), "mean": statistics.fmean(values),

@@ -10,6 +10,7 @@ import sys
 from ..config import parse_overrides
 from ..config import fields as config_fields
 from ..paths import writable_folder
+from ..status import RunStatus
 from .options import add_config_flags, add_data_args, add_tracking_args, config_from_args
 
 
@@ -64,7 +65,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"browse          {browse_hint(logger.tracking_uri, logger.store.experiment_id_of(run_id))}")
     if args.json:
         print(json.dumps({**result.summary(), "mlflow_run_id": run_id}))
-    return 0 if result.status == "completed" else 1
+    return 0 if result.status == RunStatus.COMPLETED else 1
 
 
 def _reconcile_experiment(logger) -> None:

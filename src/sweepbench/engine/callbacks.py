@@ -10,13 +10,14 @@ from torch import nn
 
 from ..config import RunConfig
 from ..data import Dataset
+from ..status import RunStatus
 from .results import EpochRecord, RunResult
 
 
 class StopTraining(Exception):
     """Raised by a callback to end a run early (an Optuna pruner, say); ``status`` becomes the run's status."""
 
-    def __init__(self, reason: str, status: str = "stopped") -> None:
+    def __init__(self, reason: str, status: RunStatus = RunStatus.STOPPED) -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status

@@ -14,17 +14,17 @@ import dataclasses
 import errno
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Collection, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Collection, Sequence
 
 import torch
 
 from ..config import KWARGS_FIELDS, ConfigError, RunConfig, field_names
 from ..models import get_model_entry
 from .interrupts import uninterrupted
-from .results import EpochRecord
+from .results import EpochRecord, best_record
 
 if TYPE_CHECKING:
-    from .loop import _Run
+    from .solo import SoloStep
 
 
 CHECKPOINT_FORMAT = 2  # 2: optimizer state is over the contiguous parameter buffers
@@ -40,25 +40,35 @@ LOCATION_FIELDS = ("data_dir", "download", "checkpoint_dir", "resume")
 FULL_BYTES = 1 << 20  # a write that failed with less free space than this ran out of it
 
 
-def checkpoint_state(run: _Run) -> dict[str, Any]:
-    state = {
+def checkpoint_state(config: RunConfig, history: Sequence[EpochRecord], training: dict[str, Any],
+                     callbacks: Sequence[Any]) -> dict[str, Any]:
+    """A checkpoint after ``history``'s epochs; ``training`` is the step's state of the run (``model``,
+    ``optimizer``, ``scheduler``, ``scaler``, ``rng_cpu`` and, on CUDA, ``rng_cuda``), in a solo run's format."""
+    best = best_record(history)
+    return {
         "format": CHECKPOINT_FORMAT,
-        "config": run.config.to_dict(),
-        "epoch": len(run.history),
-        "model": run.module.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "scaler": run.scaler.state_dict(),
-        "rng_cpu": torch.get_rng_state(),
-        "history": [dataclasses.asdict(record) for record in run.history],
-        "best_val_accuracy": run.best_val_accuracy,
-        "best_epoch": run.best_epoch,
-        "val_accuracy": run.history[-1].val_accuracy,
-        TRACKING_KEY: tracking_records(run.callbacks),
+        "config": config.to_dict(),
+        "epoch": len(history),
+        **training,
+        "history": [dataclasses.asdict(record) for record in history],
+        "best_val_accuracy": best.val_accuracy if best else None,
+        "best_epoch": best.epoch if best else None,
+        "val_accuracy": history[-1].val_accuracy,
+        TRACKING_KEY: tracking_records(callbacks),
     }
-    if run.device.type == "cuda":
-        state["rng_cuda"] = torch.cuda.get_rng_state(run.device)
-    return state
+
+
+def save_checkpoints(folder: str | None, state: Callable[[], dict[str, Any]], improved: bool) -> dict[str, str]:
+    """Writes ``state()`` to last.pt in ``folder``, and to best.pt when ``improved``; nothing without a folder.
+    Returns where each lives."""
+    if not folder:
+        return {}
+    directory = Path(folder)
+    checkpoint = state()
+    save_checkpoint(directory / "last.pt", checkpoint)
+    if improved:
+        save_checkpoint(directory / "best.pt", checkpoint)
+    return {"last": str(directory / "last.pt"), "best": str(directory / "best.pt")}
 
 
 def tracking_records(callbacks: Sequence[Any]) -> dict[str, str]:
@@ -72,41 +82,41 @@ def tracking_records(callbacks: Sequence[Any]) -> dict[str, str]:
     return records
 
 
-def restore_checkpoint(run: _Run, state: dict[str, Any]) -> None:
-    """Loads ``state`` into ``run``, then applies the run's own optimizer settings (see ``_apply_settings``)."""
+def restore_checkpoint(step: SoloStep, state: dict[str, Any]) -> list[EpochRecord]:
+    """Loads ``state`` into a solo run's ``step``, then applies the run's own optimizer settings (see
+    ``_apply_settings``); returns the epochs the checkpoint had run."""
     try:
-        run.module.load_state_dict(state["model"])
-        run.optimizer.load_state_dict(state["optimizer"])
-        run.scheduler.load_state_dict(state["scheduler"])
+        step.module.load_state_dict(state["model"])
+        step.optimizer.load_state_dict(state["optimizer"])
+        step.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:  # a checkpoint of a run without fp16 has no scaler state: the scaler starts fresh
-            run.scaler.load_state_dict(state["scaler"])
+            step.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"])
-        if run.device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"], run.device)
+        if step.device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"], step.device)
         history = [EpochRecord(**record) for record in state["history"]]
     except (KeyError, RuntimeError, TypeError, ValueError) as exc:
-        raise ConfigError(f"resume: {run.config.resume}: its saved state does not fit this run "
+        raise ConfigError(f"resume: {step.config.resume}: its saved state does not fit this run "
                           f"({_first_line(exc)}); {EXPECTED} for this model and optimizer") from exc
-    _apply_settings(run, state["config"], len(history))
-    run.history.extend(history)
-    run.best_val_accuracy, run.best_epoch = state["best_val_accuracy"], state["best_epoch"]
+    _apply_settings(step.optimizer, step.scheduler, step.config, state["config"], len(history))
+    return history
 
 
-def _apply_settings(run: _Run, saved: dict[str, Any], epochs_done: int) -> None:
+def _apply_settings(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.StepLR,
+                    config: RunConfig, saved: dict[str, Any], epochs_done: int) -> None:
     """Loading the optimizer and scheduler state also loads the checkpoint's hyperparameters; the run's own
     config wins, so that what trains is what the config (and MLflow) says. ``lr`` is the schedule's start: a
     changed ``lr`` or ``lr_gamma`` puts the next epoch at ``lr * lr_gamma ** epochs_done``, as if the run had had
     them from its first epoch; unchanged ones leave the saved learning rate exactly as it was."""
-    config = run.config
-    for group in run.optimizer.param_groups:
+    for group in optimizer.param_groups:
         for name in ("momentum", "nesterov", "weight_decay"):
             if name in group:
                 group[name] = getattr(config, name)
     if (config.lr, config.lr_gamma) == (saved["lr"], saved["lr_gamma"]):
         return
-    run.scheduler.gamma = config.lr_gamma
-    run.scheduler.base_lrs = [config.lr] * len(run.optimizer.param_groups)
-    for group in run.optimizer.param_groups:
+    scheduler.gamma = config.lr_gamma
+    scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:
         group["initial_lr"], group["lr"] = config.lr, config.lr * config.lr_gamma ** epochs_done
 
 

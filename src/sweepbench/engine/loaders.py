@@ -13,9 +13,14 @@ from ..config import RunConfig
 from ..data import Dataset, PerSampleImageDataset
 
 
+def data_order_seed(seed: int, epoch: int) -> int:
+    """The seed of a run's batch order (and augmentation) in ``epoch``: one per (seed, epoch), so a resumed run
+    draws the same batches as an uninterrupted one."""
+    return seed * 100_003 + epoch
+
+
 def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
-    """One generator per (seed, epoch), so a resumed run draws the same batches as an uninterrupted one."""
-    return torch.Generator(device=device).manual_seed(seed * 100_003 + epoch)
+    return torch.Generator(device=device).manual_seed(data_order_seed(seed, epoch))
 
 
 def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -88,10 +93,10 @@ class TorchvisionLoader:
         return len(self.dataset)
 
     def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        torch.manual_seed(self.config.seed * 100_003 + epoch)
+        torch.manual_seed(data_order_seed(self.config.seed, epoch))
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=self.config.batch_size, shuffle=True,
-            generator=torch.Generator().manual_seed(self.config.seed * 100_003 + epoch),
+            generator=torch.Generator().manual_seed(data_order_seed(self.config.seed, epoch)),
             pin_memory=self.device.type == "cuda")
         for images, labels in loader:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)

@@ -1,11 +1,12 @@
-"""What a run produces: one ``EpochRecord`` per epoch, and the ``RunResult`` at the end."""
+"""What a run produces: one ``EpochRecord`` per epoch, an ``Evaluation`` per evaluated split, and the
+``RunResult`` at the end. The best epoch is derived from the history, here only (``best_record``)."""
 
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -32,6 +33,23 @@ class EpochRecord:
         return f"diverged: loss is {self.train_loss} at epoch {self.epoch}"
 
 
+class Evaluation(NamedTuple):
+    """A model's loss, accuracy and confusion matrix (rows: true class, on the CPU) over one split."""
+
+    loss: float
+    accuracy: float
+    confusion: torch.Tensor
+
+
+def best_record(history: Sequence[EpochRecord]) -> EpochRecord | None:
+    """The epoch with the best validation accuracy, the first of equals; a diverged epoch never counts."""
+    best = None
+    for record in history:
+        if record.divergence() is None and (best is None or record.val_accuracy > best.val_accuracy):
+            best = record
+    return best
+
+
 def time_to_target(history: list[EpochRecord], target: float | None) -> float | None:
     """Training seconds until validation accuracy first reached ``target`` (None: no target, or never)."""
     if target is None:
@@ -46,7 +64,7 @@ def time_to_target(history: list[EpochRecord], target: float | None) -> float | 
 
 @dataclass
 class RunResult:
-    """What a run produced. ``status``: completed, diverged, stopped/pruned (by a callback), failed or killed."""
+    """What a run produced; ``status``: a ``status.RunStatus``."""
 
     config: RunConfig
     status: str
@@ -67,19 +85,20 @@ class RunResult:
     checkpoints: dict[str, str] = field(default_factory=dict)
     model: nn.Module | None = field(default=None, repr=False)
 
-    def record_test(self, loss: float, accuracy: float, confusion: torch.Tensor, classes: Sequence[str]) -> None:
-        """The test split's loss, accuracy and confusion matrix (rows: true class), with each class's accuracy."""
-        per_class = confusion.diag().double() / confusion.sum(1).clamp(min=1)
-        self.test_loss, self.test_accuracy = loss, accuracy
+    def record_test(self, test: Evaluation, classes: Sequence[str]) -> None:
+        """The test split's loss, accuracy and confusion matrix, with each class's accuracy."""
+        per_class = test.confusion.diag().double() / test.confusion.sum(1).clamp(min=1)
+        self.test_loss, self.test_accuracy = test.loss, test.accuracy
         self.per_class_accuracy = dict(zip(classes, per_class.tolist()))
-        self.confusion_matrix = confusion.tolist()
+        self.confusion_matrix = test.confusion.tolist()
 
-    def finish(self, history: list[EpochRecord], target_accuracy: float | None, best_val_accuracy: float | None,
-               best_epoch: int | None, device: torch.device, started: float) -> None:
+    def finish(self, status: str, message: str, device: torch.device, started: float) -> None:
         """The figures a run has once it ends, however it ends; ``started``: ``time.perf_counter()`` at its start."""
-        self.best_val_accuracy, self.best_epoch = best_val_accuracy, best_epoch
-        self.time_to_target_seconds = time_to_target(history, target_accuracy)
-        self.train_seconds = sum(record.epoch_seconds for record in history)
+        self.status, self.message = status, message
+        best = best_record(self.history)
+        self.best_val_accuracy, self.best_epoch = (best.val_accuracy, best.epoch) if best else (None, None)
+        self.time_to_target_seconds = time_to_target(self.history, self.config.target_accuracy)
+        self.train_seconds = sum(record.epoch_seconds for record in self.history)
         self.peak_memory_mb = peak_memory_mb(device)
         self.wall_seconds = time.perf_counter() - started
 

@@ -22,7 +22,10 @@ from typing import Sequence
 import pandas as pd
 from scipy import stats
 
+from ..devices import baseline_device
+from ..precisions import baseline_precision
 from ..validators import ConfigError, choice
+from ..tracking.schema import FUSED_TAG
 from .runs import has_key, run_values
 
 DEFAULT_GROUP_BY = ("model", "dataset", "device", "precision", "optimizer")
@@ -35,10 +38,11 @@ SPREADS = {
 }
 # Settings that change what a run measures: runs that differ in one are never pooled in a row.
 SPLIT_SETTINGS = ("dataset", "model", "epochs", "batch_size", "train_subset", "val_size", "device", "precision",
-                  "loader", "compile", "augment", "sweepbench.fused")  # a fused run's epoch times are its pack's
+                  "loader", "compile", "augment", FUSED_TAG)  # a fused run's epoch times are its pack's
 # Settings whose differences do not change what is measured, or that differ between repeats by design.
 POOLED_SETTINGS = ("seed", "data_dir", "download", "checkpoint_dir", "resume", "eval_batch_size")
-DEFAULT_BASELINE = (("device", "cpu"), ("precision", "fp32"), ("loader", "torchvision"), ("compile", "False"))
+DEFAULT_BASELINE = (("device", baseline_device()), ("precision", baseline_precision()), ("loader", "torchvision"),
+                    ("compile", "False"))
 CONFIDENCE = 0.95
 CI_NOTE = "ci95_low/high: 95% confidence interval of the mean over a row's runs (Student t); empty for one run"
 

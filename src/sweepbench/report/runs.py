@@ -13,10 +13,11 @@ from typing import Any, Sequence
 import pandas as pd
 
 from ..validators import ConfigError, choice, choices
+from ..status import MlflowStatus
 from ..tracking import RUN_KINDS, TRAINING_KINDS, Store, run_kind
 from ..tracking.schema import FUSED_TAG
 
-RUN_STATUSES = ("FINISHED", "FAILED", "KILLED", "RUNNING", "all")
+RUN_STATUSES = (*MlflowStatus, "all")
 RUN_ATTRIBUTES = ("run_id", "run_name", "experiment", "status", "kind")
 SEARCH_PAGE_SIZE = 1000
 MISSING = "-"
@@ -45,7 +46,7 @@ def _run_row(run: Any, experiments: dict[str, str]) -> dict[str, Any]:
 
 
 def load_runs(tracking_uri: str, experiments: Sequence[str] | None = None, filter_string: str = "",
-              status: str = "FINISHED", kinds: Sequence[str] = TRAINING_KINDS) -> pd.DataFrame:
+              status: str = MlflowStatus.FINISHED, kinds: Sequence[str] = TRAINING_KINDS) -> pd.DataFrame:
     """One row per run of ``kinds`` with ``status``: its attributes (``kind`` among them), ``params.*``,
     ``tags.*`` and the latest ``metrics.*``."""
     from mlflow.exceptions import MlflowException

@@ -15,14 +15,16 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .. import engine
+from ..status import MlflowStatus, mlflow_status, status_of_trial
 from ..tracking import Store, config_params, environment_tags
+from ..tracking.store import MAX_MESSAGE_LENGTH
 from .coordination import Tally
 from .identity import FINGERPRINT_TAG, VERSION_ATTR, VERSION_TAG, fingerprint
 from .job import StudyJob, redact
 from .spec import ParamSpec, StudySpec
 from .storage import PARENT_RUN_ATTR, RUN_ID_ATTR, _quiet, storage_lock
 from .summary import best_trial, export_trials
-from .trial import MLFLOW_TEXT_LIMIT, apply_params, trial_tags
+from .trial import apply_params, trial_tags
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +49,13 @@ def _create_parent_run(store: Store, job: StudyJob) -> str:
     params = {"model": spec.base_config.model, "dataset": spec.base_config.dataset,
               "objectives": ", ".join(f"{o.metric} ({o.direction})" for o in spec.objectives),
               "sampler": spec.sampler, "sampler_seed": spec.sampler_seed, "pruner": spec.pruner,
-              "pruner_options": spec.pruner_options, "search_space": search[:MLFLOW_TEXT_LIMIT]}
+              "pruner_options": spec.pruner_options, "search_space": search[:MAX_MESSAGE_LENGTH]}
     experiment_id = store.experiment(spec.name, spec.description or None)
     return store.start_run(experiment_id, f"study-{spec.name}", "study", tags, params)
 
 
 RECONCILED_TAG = "sweepbench.reconciled"
 RECOVERED_TAG = "sweepbench.recovered"
-RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
-TRIAL_STATUS = {TrialState.COMPLETE: "completed", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
 
 
 def reconcile(study: optuna.Study, job: StudyJob, store: Store, parent_run_id: str) -> int:
@@ -71,13 +71,14 @@ def reconcile(study: optuna.Study, job: StudyJob, store: Store, parent_run_id: s
     touched = 0
     for run in runs:
         trial = linked.get(run.info.run_id) or by_number.get(numbers[run.info.run_id])
-        if run.info.status != "RUNNING" or trial is None or trial.state not in RUN_STATUS:
+        ended = status_of_trial(trial.state.name) if trial is not None else None
+        if run.info.status != MlflowStatus.RUNNING or ended is None:
             continue
         duplicate = linked.get(run.info.run_id) is None and trial.user_attrs.get(RUN_ID_ATTR) is not None
         reason = ("a second run of this trial, created by a retried request" if duplicate else
                   f"left RUNNING (dead worker or tracking outage); its trial ended {trial.state.name}")
-        store.end_run(run.info.run_id, "KILLED" if duplicate else RUN_STATUS[trial.state],
-                      {RECONCILED_TAG: reason, "status": TRIAL_STATUS[trial.state]})
+        store.end_run(run.info.run_id, MlflowStatus.KILLED if duplicate else mlflow_status(ended),
+                      {RECONCILED_TAG: reason, "status": str(ended)})
         touched += 1
     with_runs = set(numbers.values())
     for trial in trials:
@@ -94,8 +95,8 @@ def _recover_run(trial: FrozenTrial, job: StudyJob, store: Store, experiment_id:
     """A child run for a finished trial that has none, from what Optuna holds: the parameters, the reported
     metric per epoch and the trial's results; tagged, since the other per-epoch metrics are missing."""
     config = apply_params(job.spec.base_config, trial.params)
-    version = trial.user_attrs.get(VERSION_ATTR)
-    tags = {**trial_tags(job.spec, trial, version), "status": TRIAL_STATUS[trial.state],
+    version, ended = trial.user_attrs.get(VERSION_ATTR), status_of_trial(trial.state.name)
+    tags = {**trial_tags(job.spec, trial, version), "status": str(ended),
             RECOVERED_TAG: "rebuilt from the Optuna trial: the tracking store was unreachable while it ran"}
     run_id = store.start_run(experiment_id, f"trial-{trial.number:04d}", "trial", tags, config_params(config),
                              parent_run_id)
@@ -106,7 +107,7 @@ def _recover_run(trial: FrozenTrial, job: StudyJob, store: Store, experiment_id:
     if trial.values and metric == "val_accuracy":
         results["best_val_accuracy"] = trial.values[0]
     store.log(run_id, metrics=results, step=trial.user_attrs.get("epochs_run") or 0)
-    store.end_run(run_id, RUN_STATUS[trial.state])
+    store.end_run(run_id, mlflow_status(ended))
 
 
 def _trial_number(run: Any) -> int | None:

@@ -23,7 +23,9 @@ from .. import engine
 from ..config import RunConfig
 from ..models import check_config
 from ..retry import ServiceUnavailable
+from ..status import RunStatus
 from ..tracking import MlflowLogger, Store, config_params
+from ..tracking.store import MAX_MESSAGE_LENGTH
 from .checkpoints import keep_checkpoints, trial_checkpoint_dir
 from .identity import VERSION_ATTR, VERSION_TAG
 from .job import StudyJob
@@ -32,8 +34,6 @@ from .storage import (ERROR_ATTR, FAILURE_ATTR, INFRASTRUCTURE, MAX_RETRIES, RUN
                       RetryingStorage, _heartbeat, retry_trial)
 
 log = logging.getLogger(__name__)
-
-MLFLOW_TEXT_LIMIT = 5000
 
 
 def suggest(trial: optuna.Trial, param: ParamSpec) -> Any:
@@ -103,10 +103,10 @@ class TrialCallback(engine.Callback):
             except optuna.exceptions.UpdateFinishedTrialError:
                 self.stale = True
         if self.stale:
-            raise engine.StopTraining(STALE_MESSAGE, status="stopped")
+            raise engine.StopTraining(STALE_MESSAGE, status=RunStatus.STOPPED)
         if prune:
             raise engine.StopTraining(f"pruned by the {type(self.trial.study.pruner).__name__} after epoch "
-                                      f"{record.epoch}", status="pruned")
+                                      f"{record.epoch}", status=RunStatus.PRUNED)
 
     def _should_prune(self, record: engine.EpochRecord) -> bool:
         self.trial.report(getattr(record, self.prune_metric), record.epoch)
@@ -136,8 +136,8 @@ def _record_failed_run(job: StudyJob, trial: optuna.Trial, parent_run_id: str, m
     store = Store(job.tracking_uri)
     params = {**config_params(job.spec.base_config), **{name: str(value) for name, value in trial.params.items()}}
     run_id = store.start_run(store.experiment(job.spec.name), f"trial-{trial.number:04d}", "trial",
-                             {**trial_tags(job.spec, trial, job.spec_version), "status": "failed"}, params,
-                             parent_run_id)
+                             {**trial_tags(job.spec, trial, job.spec_version), "status": str(RunStatus.FAILED)},
+                             params, parent_run_id)
     store.fail_run(run_id, message)
     trial.set_user_attr(RUN_ID_ATTR, run_id)
 
@@ -157,7 +157,7 @@ def _fail(study: optuna.Study, trial: optuna.Trial, job: StudyJob, callback: Tri
     """Tells the study the trial FAILed with ``message``; None when another worker already failed it as stale
     (and queued it again)."""
     try:
-        trial.set_user_attr(ERROR_ATTR, message[:MLFLOW_TEXT_LIMIT])
+        trial.set_user_attr(ERROR_ATTR, message[:MAX_MESSAGE_LENGTH])
         if callback.logger.run_id is None:
             _record_failed_run(job, trial, parent_run_id, message)
         log.warning(f"trial {trial.number} FAIL {trial.params}: {message}")
@@ -284,10 +284,10 @@ def _fail_for_infrastructure(study: optuna.Study, trial: optuna.Trial, job: Stud
 
 def _tell(study: optuna.Study, trial: optuna.Trial, job: StudyJob, callback: TrialCallback, parent_run_id: str,
           result: engine.RunResult) -> None:
-    if result.status == "pruned":
+    if result.status == RunStatus.PRUNED:
         study.tell(trial, state=TrialState.PRUNED)
         log.info(f"trial {trial.number} PRUNED after {len(result.history)} epoch(s) {trial.params}")
-    elif result.status == "completed":
+    elif result.status == RunStatus.COMPLETED:
         values = [objective_value(result, metric) for metric in job.spec.metric_names]
         study.tell(trial, values)
         shown = ", ".join(f"{name} {value:.4f}" for name, value in zip(job.spec.metric_names, values))

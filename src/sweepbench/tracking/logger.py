@@ -21,6 +21,7 @@ from ..engine import Callback, EpochRecord, RunResult, TrainContext, normalise, 
 from ..engine.checkpoint import LOCATION_FIELDS, TRACKING_KEY
 from ..hardware import environment_record
 from ..retry import ServiceUnavailable
+from ..status import MlflowStatus, RunStatus, mlflow_status
 from .reconcile import process_tags
 from .schema import KIND_TAG, config_params, training_tags
 from .store import TRACKING_URI_ENV, Store, as_metrics
@@ -34,15 +35,6 @@ RESUMED_FROM_TAG = "sweepbench.resumed_from"  # the checkpoint a resumed run con
 RESUMED_AT_TAG = "sweepbench.resumed_at_epoch"
 RESUMED_FROM_RUN_TAG = "sweepbench.resumed_from_run"  # a new run's link to the run that wrote its checkpoint
 STALE_TAGS = ("error", "stop_reason")  # an interrupted run's; a continued run sets its own at its end
-
-RUN_STATUS = {
-    "completed": "FINISHED",
-    "diverged": "FAILED",
-    "failed": "FAILED",
-    "killed": "KILLED",
-    "pruned": "KILLED",
-    "stopped": "KILLED",
-}
 
 
 def epoch_metrics(record: EpochRecord) -> list[Metric]:
@@ -234,9 +226,9 @@ class MlflowLogger(Callback):
                     "the next study run (or `sweepbench runs reconcile`) completes it")
 
     def _end_run(self, context: TrainContext, result: RunResult) -> None:
-        status, tags = RUN_STATUS.get(result.status, "FAILED"), {"status": result.status}
+        status, tags = mlflow_status(result.status), {"status": str(result.status)}
         if result.message:
-            tags["error" if status == "FAILED" else "stop_reason"] = result.message
+            tags["error" if status == MlflowStatus.FAILED else "stop_reason"] = result.message
         try:
             self.store.log(self.run_id, metrics=final_metrics(result, self.epoch_logging_seconds))
             if self.log_artifacts:
@@ -244,11 +236,11 @@ class MlflowLogger(Callback):
         except ServiceUnavailable:
             raise  # the store is down: the run cannot be ended either
         except KeyboardInterrupt:
-            self.store.end_run(self.run_id, "KILLED", tags)
+            self.store.end_run(self.run_id, MlflowStatus.KILLED, tags)
             raise
         except BaseException as exc:
             tags["error"] = f"logging failed: {type(exc).__name__}: {exc}"
-            self.store.end_run(self.run_id, "FAILED", tags)
+            self.store.end_run(self.run_id, MlflowStatus.FAILED, tags)
             raise
         self.store.end_run(self.run_id, status, tags)
 
@@ -267,7 +259,7 @@ class MlflowLogger(Callback):
                                   "confusion_matrix.png")
         if result.per_class_accuracy:
             self.store.log_text(self.run_id, per_class_csv(result.per_class_accuracy), "per_class_accuracy.csv")
-        if self.log_model and result.status == "completed":
+        if self.log_model and result.status == RunStatus.COMPLETED:
             self._log_model(context)
 
     def _log_model(self, context: TrainContext) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mlflow.entities import Run
 
+from ..status import MlflowStatus
 from .schema import KIND_TAG
 from .store import SEARCH_LIMIT, Store, sqlite_path
 
@@ -114,8 +115,8 @@ def _reconcile(store: Store, run: Run) -> RunningRun:
     host, pid = tags[HOST_TAG], int(tags[PID_TAG])
     elsewhere = host != platform.node()
     ended = not elsewhere and process_gone(pid, tags.get(PID_STARTED_TAG)) and \
-        store.client.get_run(run.info.run_id).info.status == "RUNNING"
+        store.client.get_run(run.info.run_id).info.status == MlflowStatus.RUNNING
     if ended:
-        store.end_run(run.info.run_id, "KILLED",
+        store.end_run(run.info.run_id, MlflowStatus.KILLED,
                       {"stop_reason": f"its process ({host}:{pid}) is gone; reconciled by sweepbench"})
     return RunningRun(run.info.run_id, run.info.run_name, run.info.experiment_id, host, pid, ended, elsewhere)

@@ -24,10 +24,10 @@ from typing import Any
 
 from ..config import RunConfig
 from ..engine import TrainContext
+from ..engine.fused.pack import FUSED_TAG
 from ..hardware import environment_tags
 
 KIND_TAG = "sweepbench.kind"
-FUSED_TAG = "sweepbench.fused"
 TRAINING_KINDS = ("train", "trial", "repeat")
 SUMMARY_KINDS = ("study", "bench", "cell")
 RUN_KINDS = TRAINING_KINDS + SUMMARY_KINDS

@@ -22,6 +22,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from ..retry import RetryPolicy
+from ..status import MlflowStatus
 from .schema import KIND_TAG
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
@@ -121,7 +122,7 @@ class RunOutcome:
     """What a ``Store.lifecycle`` block decides about its run: the final status if it ends normally (FINISHED
     unless the block says otherwise) and tags to set with it."""
 
-    status: str = "FINISHED"
+    status: str = MlflowStatus.FINISHED
     tags: dict[str, str] = field(default_factory=dict)
 
 
@@ -236,7 +237,7 @@ class Store:
         self.client.set_terminated(run_id, status)
 
     def fail_run(self, run_id: str, message: str) -> None:
-        self.end_run(run_id, "FAILED", {"error": message})
+        self.end_run(run_id, MlflowStatus.FAILED, {"error": message})
 
     def run_exists(self, run_id: str) -> bool:
         try:
@@ -249,7 +250,7 @@ class Store:
         """Marks an existing run RUNNING again (a resumed study); False when the store has no such run."""
         if not self.run_exists(run_id):
             return False
-        self.client.update_run(run_id, status="RUNNING")
+        self.client.update_run(run_id, status=MlflowStatus.RUNNING)
         return True
 
     def experiment_id_of(self, run_id: str) -> str:
@@ -270,10 +271,10 @@ class Store:
         try:
             yield outcome
         except KeyboardInterrupt as interrupt:
-            self.end_run(run_id, "KILLED", {"stop_reason": interrupt_message(interrupt)})
+            self.end_run(run_id, MlflowStatus.KILLED, {"stop_reason": interrupt_message(interrupt)})
             raise
         except BaseException as exc:
-            self.end_run(run_id, "FAILED", {"error": f"{type(exc).__name__}: {exc}"})
+            self.end_run(run_id, MlflowStatus.FAILED, {"error": f"{type(exc).__name__}: {exc}"})
             raise
         self.end_run(run_id, outcome.status, outcome.tags)
 

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ...hardware import autocast
+from ..results import Evaluation
 from .stack import StackedModel
-
-
-@dataclass
-class Evaluation:
-    """One member's ``engine.evaluate`` result."""
-
-    loss: float
-    accuracy: float
-    confusion: torch.Tensor  # rows: true class, on the CPU
 
 
 @torch.inference_mode()

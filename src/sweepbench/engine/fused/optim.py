@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ...config import OPTIMIZERS, RunConfig
+from ...config import MOMENTUM_OPTIMIZERS, OPTIMIZERS, RunConfig
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -27,7 +27,6 @@ ADADELTA_EPS = 1e-6
 STATE_NAMES = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq"), "adamw": ("exp_avg", "exp_avg_sq"),
                "rmsprop": ("square_avg", "momentum_buffer"), "adadelta": ("square_avg", "acc_delta")}
 COUNTS_STEPS = ("adam", "adamw", "rmsprop", "adadelta")  # the ones with a ``step`` in their state
-MOMENTUM_OPTIMIZERS = ("sgd", "rmsprop")
 
 
 def optimizer_order(configs: Sequence[RunConfig]) -> list[int]:

@@ -7,6 +7,7 @@ from typing import Any, Callable, Sequence
 
 from ...config import ConfigError, RunConfig
 from ...models import get_model_entry
+from ...precisions import PRECISIONS, uses_grad_scaler
 
 # What changes shapes or the step schedule: every member of a pack has the same.
 SHARED_FIELDS = ("model", "model_kwargs", "dataset", "dataset_kwargs", "data_dir", "val_size", "train_subset",
@@ -17,6 +18,18 @@ MEMBER_FIELDS = ("lr", "lr_gamma", "momentum", "nesterov", "weight_decay", "opti
 # Neither: ``download`` (any member's allows it), ``resume`` (refused).
 OTHER_FIELDS = ("download", "resume")
 PACK_TAG_PREFIX = "sweepbench."
+FUSED_TAG = f"{PACK_TAG_PREFIX}fused"  # "true" on a member of a pack; the tracking layer logs "false" on others
+SCALED = [name for name in PRECISIONS.in_order() if uses_grad_scaler(name)]  # precisions with a GradScaler
+
+
+def _unscaled_advice() -> str:
+    """The precisions a pack can train in, e.g. "fp32 or bf16 (tf32 on cuda)"."""
+    unscaled = [PRECISIONS.get(name) for name in PRECISIONS.in_order() if name not in SCALED]
+    everywhere = " or ".join(entry.name for entry in unscaled if entry.devices is None)
+    somewhere = "; ".join(f"{entry.name} on {'/'.join(entry.devices)}" for entry in unscaled if entry.devices)
+    return f"{everywhere} ({somewhere})" if somewhere else everywhere
+
+
 # What a pack cannot train, one rule per field: (refused(value), what a pack needs, advice). The one home of these
 # rules: the engine refuses members that break one, a packed study's spec is checked against them (study.spec).
 PACK_RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
@@ -25,9 +38,9 @@ PACK_RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "compile": (bool, "compile = False", "fused training runs its vmapped model eagerly; use compile false"),
     "loader": (lambda loader: loader != "device", "loader = 'device'",
                "fused training batches on the device; use loader 'device'"),
-    "precision": (lambda precision: precision == "fp16", "precision other than 'fp16'",
-                  "fp16 needs a loss scaler per member, which fused training does not have; use fp32 or bf16 "
-                  "(tf32 on CUDA)"),
+    "precision": (uses_grad_scaler, f"precision other than {' or '.join(map(repr, SCALED))}",
+                  f"{', '.join(SCALED)} needs a loss scaler per member, which fused training does not have; use "
+                  f"{_unscaled_advice()}"),
 }
 
 
@@ -93,6 +106,6 @@ def pack_refusals(config: RunConfig) -> list[tuple[str, str, str]]:
 def pack_tags(pack_id: str, size: int, member: int) -> dict[str, str]:
     """What ``TrainContext.pack`` holds for member ``member`` of a pack of ``size``: tags for the tracker. A
     member's epoch_seconds is the pack's epoch time (``epoch_time``: pack)."""
-    return {f"{PACK_TAG_PREFIX}fused": "true", f"{PACK_TAG_PREFIX}pack_id": pack_id,
+    return {FUSED_TAG: "true", f"{PACK_TAG_PREFIX}pack_id": pack_id,
             f"{PACK_TAG_PREFIX}pack_size": str(size), f"{PACK_TAG_PREFIX}pack_member": str(member),
             f"{PACK_TAG_PREFIX}epoch_time": "pack"}
