@@ -11,6 +11,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mlflow import MlflowClient
@@ -350,3 +351,17 @@ def test_workers_beyond_the_trials_left_are_not_started(tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stderr
     assert "--workers: 3 capped at 1: the study has 1 trial(s) left to run" in completed.stderr
     assert len(stored_trials(tmp_path)) == 1
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train": {**BASE["train"], "precision": "tf32"}}, r"precision: 'tf32' needs device cuda, got cpu; on cpu use "
+                                                        r"fp32, bf16"),
+    ({"train": {**BASE["train"], "device": "mps"}}, r"device: 'mps' requested but not available on this machine"),
+])
+def test_a_fixed_device_or_precision_that_cannot_run_here_is_refused_before_the_study_exists(
+        change: dict, message: str, tmp_path: Path) -> None:
+    """A searched one is not: a trial that draws it fails alone, and the study goes on (``test_study``)."""
+    if change["train"].get("device") == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    spec = write(tmp_path, {**BASE, **change})
+    assert_refused(["study", "run", str(spec), "--data-dir", str(SHARED_DATA)], message, tmp_path)

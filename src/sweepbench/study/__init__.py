@@ -18,12 +18,16 @@ from dataclasses import dataclass
 import optuna
 
 from ..data import forget_loaded_datasets, load_dataset
+from ..devices import resolve_device
 from ..models import check_config
+from ..precisions import check_precision
+from ..status import MlflowStatus
 from ..tracking import Store
 from . import identity
 from .coordination import Tally, _run_workers, configure_logging, load_study, worker_seed
 from .job import StudyJob, make_job, normalize_storage_url, redact
 from .parent import _open_parent_run, log_study_outcome, reconcile
+from .spec import StudySpec
 from .storage import (RETRY_HISTORY, RUN_ID_ATTR, WORKER_ATTR, adopt_heartbeat_interval, open_existing_study,
                       open_storage)
 from .summary import describe_importances, describe_study, export_trials
@@ -79,9 +83,22 @@ def check_inputs(job: StudyJob) -> None:
     in one line, not found by every trial). With several workers, each loads its own copy; this one is let go."""
     config = job.spec.base_config
     check_config(config)
+    check_devices(job.spec)
     load_dataset(config.dataset, config.data_dir, config.download, config.val_size, **config.dataset_kwargs)
     if job.workers > 1:
         forget_loaded_datasets()
+
+
+def check_devices(spec: StudySpec) -> None:
+    """The study's fixed device is here and its fixed precision runs on it: else every trial would fail on it
+    (the refusals are the engine's, ``devices.resolve_device`` and ``precisions.check_precision``). A searched
+    device or precision is left to the trials: one that draws a value that cannot run here fails alone."""
+    searched = {param.name for param in spec.search}
+    if "device" in searched:
+        return
+    device_type = resolve_device(spec.base_config.device).type
+    if "precision" not in searched:
+        check_precision(spec.base_config.precision, device_type)
 
 
 def useful_workers(job: StudyJob, tally: Tally) -> int:
@@ -119,7 +136,7 @@ def run_study(job: StudyJob) -> StudyOutcome:
             _run_workers(job)
             tally = Tally.of(study.get_trials(deepcopy=False))
             if tally.failed >= job.spec.max_failed_trials and tally.finished < job.spec.target_trials():
-                outcome.status = "FAILED"
+                outcome.status = MlflowStatus.FAILED
         finally:
             reconcile(study, job, store, parent_run_id)
             log_study_outcome(study, job, store, parent_run_id)
