@@ -174,8 +174,9 @@ def _parent_run_id(stderr: str) -> str:
 def test_quick_grid_on_cpu_fills_the_cpu_rows_and_skips_cuda_with_mlflow_runs(tmp_path, data_dir):
     output = tmp_path / "quick.csv"
     completed = run_cli("bench", str(BENCHMARKS / "quick.toml"), "--data-dir", str(data_dir), "--repeats", "2",
-                        "--epochs", "2", "--tracking-uri", sqlite_uri(tmp_path), "--format", "csv",
-                        "--output", str(output), cwd=tmp_path, check=True)
+                        "--epochs", "2", "--set", "val_size=1000",
+                        "--tracking-uri", sqlite_uri(tmp_path), "--format", "csv", "--output", str(output),
+                        cwd=tmp_path, check=True)
     table = pd.read_csv(output)
     assert table.equals(pd.read_csv(io.StringIO(completed.stdout)))
     assert list(table.model.unique()) == ["mnist_mlp", "cifar_lenet", "cifar_cnn"] and len(table) == 18
