@@ -83,6 +83,15 @@ TRAIN_CASES = {  # name: (train arguments, what the one line says)
                                r"loader: member 0 has 'torchvision'; fused training batches on the device"),
     "seeds with fp16": (["--seeds", "0,1", "--precision", "fp16"], r"precision: member 0 has 'fp16'; fp16 needs a"),
     "seeds with compile": (["--seeds", "0,1", "--compile"], r"compile: member 0 has True; fused training runs"),
+    "unknown step": (["--step", "jit"], r"step: 'jit' is not allowed; choose one of: eager, compiled, graph"),
+    "graph step on cpu": (["--device", "cpu", "--step", "graph"],
+                          r"step: 'graph' needs device cuda, got cpu; on cpu use eager, compiled"),
+    "compiled step with fp16": (["--step", "compiled", "--precision", "fp16"],
+                                r"step: 'compiled' cannot train precision 'fp16': its GradScaler skips a step"),
+    "compiled step with compile": (["--step", "compiled", "--compile"],
+                                   r"step: 'compiled' compiles the whole step, compile = true the model alone"),
+    "seeds with compiled step": (["--seeds", "0,1", "--step", "compiled"],
+                                 r"step: member 0 has 'compiled'; fused training runs its vmapped step eagerly"),
 }
 DATA_CASES = {  # name: (how to spoil the file, what the one line says)
     "truncated npz": (lambda folder: (folder.mkdir(parents=True), (folder / "mnist.npz").write_bytes(

@@ -158,6 +158,7 @@ IDENTITY_CHANGES = {  # what the edit does: (edit, what the refusal names, the s
     "a model argument fixed": (_set("train/model_kwargs", {"dropout": 0.25}),
                                r"train\.model_kwargs\.dropout added \(0\.25\)", "model_kwargs"),
     "another dataset": (_set("dataset", "fashion_mnist"), r'train\.dataset "mnist" -> "fashion_mnist"', "dataset"),
+    "a compiled step": (_set("train/step", "compiled"), r'train\.step added \("compiled"\)', "step"),
 }
 
 NOT_IDENTITY = {  # edits that leave the study's identity alone: (edit, the setting it touches)
@@ -171,6 +172,8 @@ NOT_IDENTITY = {  # edits that leave the study's identity alone: (edit, the sett
     "an integral float": (_set("search/lr/high", 1), "lr"),
     "another spelling": (_set("search/lr/low", 1e-2), "lr"),
     "a default made explicit": (_set("train/batch_size", 64), "batch_size"),
+    # a setting added to RunConfig later, at its default: studies recorded before it resume as they were
+    "the eager step made explicit": (_set("train/step", "eager"), "step"),
 }
 
 

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from .devices import device_choices
 from .precisions import baseline_precision, precision_choices, precision_help, trap
+from .steps import check_step_settings, step_choices, step_help
 from .validators import ConfigError, at_least, boolean, choice, integer, number, string, table
 
 if sys.version_info >= (3, 11):
@@ -26,6 +27,7 @@ else:
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adadelta")
 DEVICES = device_choices()
 PRECISIONS = precision_choices()
+STEPS = step_choices()
 LOADERS = ("device", "torchvision")
 KWARGS_FIELDS = ("model_kwargs", "dataset_kwargs")
 BENCH_GRID = "grid"  # a benchmark file sets these through grid.precisions
@@ -66,6 +68,7 @@ class RunConfig:
     precision: str = setting(baseline_precision(), help=precision_help(), choices=PRECISIONS,
                              bench=BENCH_GRID)
     compile: bool = setting(False, help="torch.compile the model")
+    step: str = setting(STEPS[0], help=step_help(), choices=STEPS)
     loader: str = setting("device", help="input path", choices=LOADERS)
     augment: bool = setting(False, help="random crop + flip (CIFAR)")
     target_accuracy: float | None = setting(None, help="validation accuracy for time-to-target")
@@ -143,6 +146,7 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"target_accuracy: {config.target_accuracy!r} must be in (0, 1]")
     if config.nesterov and (config.optimizer != "sgd" or config.momentum <= 0):
         raise ConfigError("nesterov: needs optimizer 'sgd' with momentum > 0")
+    check_step_settings(config.step, config.precision, config.compile)
 
 
 class SettingWarning(UserWarning):

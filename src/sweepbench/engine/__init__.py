@@ -3,6 +3,7 @@
 - ``loop``: the one loop (``run_members``: setup, epochs, timing, evaluation, the best epoch, checkpoints, the
   callbacks' hooks, how a run ends) over a ``Step``, and ``train``, a solo run;
 - ``solo``: the step of one model (``SoloStep``) and ``evaluate``;
+- ``capture``: that step compiled (``step = "compiled"``) or captured in a CUDA graph (``step = "graph"``);
 - ``members``: one member of a training (a solo run has one): its history, result and callbacks;
 - ``results``: what a run produces (``EpochRecord``, ``Evaluation``, ``RunResult``, ``best_record``);
 - ``callbacks``: the callback interface (``Callback``, ``TrainContext``, ``StopTraining``) and ``ProgressBar``;

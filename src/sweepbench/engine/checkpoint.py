@@ -38,6 +38,7 @@ IDENTITY_FIELDS = ("model", "model_kwargs", "dataset", "dataset_kwargs", "val_si
 # Where a run reads and writes, not what it is: never taken from a checkpoint (see ``resume_config``).
 LOCATION_FIELDS = ("data_dir", "download", "checkpoint_dir", "resume")
 FULL_BYTES = 1 << 20  # a write that failed with less free space than this ran out of it
+IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable")  # a resuming run keeps its own optimizer's
 
 
 def checkpoint_state(config: RunConfig, history: Sequence[EpochRecord], training: dict[str, Any],
@@ -87,7 +88,11 @@ def restore_checkpoint(step: SoloStep, state: dict[str, Any]) -> list[EpochRecor
     ``_apply_settings``); returns the epochs the checkpoint had run."""
     try:
         step.module.load_state_dict(state["model"])
+        flags = [{name: group[name] for name in IMPLEMENTATION_FLAGS if name in group}
+                 for group in step.optimizer.param_groups]
         step.optimizer.load_state_dict(state["optimizer"])
+        for group, own in zip(step.optimizer.param_groups, flags):  # how this run's optimizer computes
+            group.update(own)
         step.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:  # a checkpoint of a run without fp16 has no scaler state: the scaler starts fresh
             step.scaler.load_state_dict(state["scaler"])

@@ -20,6 +20,7 @@ from ..data import load_dataset
 from ..hardware import device_name, reset_peak_memory, resolve_device, set_precision_flags, synchronize
 from ..models import check_fits
 from ..status import RunStatus
+from ..steps import check_step_device
 from .callbacks import Callback, StopTraining, TrainContext
 from .checkpoint import DiskFullError, checkpoint_state, save_checkpoints
 from .interrupts import interrupt_message
@@ -42,6 +43,7 @@ class Step(Protocol):
     @staticmethod
     def check(configs: Sequence[RunConfig]) -> Any: ...
 
+    def prepare(self) -> float: ...  # builds a compiled or captured step before the first epoch; its seconds
     def __len__(self) -> int: ...  # training samples per epoch
     def history(self, row: int) -> list[EpochRecord]: ...  # the epochs run before (a resumed run's)
     def tags(self, index: int) -> dict[str, str] | None: ...  # TrainContext.pack of the member
@@ -65,6 +67,7 @@ class _Training:
         first = configs[0]
         self.device = resolve_device(first.device)
         set_precision_flags(self.device, first.precision)
+        check_step_device(first.step, self.device.type)
         reset_peak_memory(self.device)
         checked = step_type.check(configs)  # a bad config, checkpoint or pack fails before the data loads
         self.dataset = load_dataset(first.dataset, first.data_dir, any(c.download for c in configs),
@@ -89,6 +92,12 @@ class _Training:
                                pack=self.step.tags(index))
         result = RunResult(config, RunStatus.COMPLETED, context.history, self.device.type, name, model=module)
         return Member(index, row, config, list(callbacks), context, result)
+
+    def prepare(self) -> None:
+        """The step's compile or capture, before any timed epoch; its seconds go to every member's result."""
+        compile_seconds = self.step.prepare()
+        for member in self.members:
+            member.result.compile_seconds = compile_seconds
 
     @property
     def running(self) -> list[Member]:
@@ -188,6 +197,7 @@ def run_members(configs: Sequence[RunConfig], callbacks: Sequence[Sequence[Callb
     try:
         for member in training.members:
             training.hook_or_stop(member, "on_train_start", started=started)
+        training.prepare()
         for epoch in range(len(training.members[0].history) + 1, configs[0].epochs + 1):
             if not training.running:
                 break

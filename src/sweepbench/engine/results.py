@@ -80,6 +80,7 @@ class RunResult:
     best_epoch: int | None = None
     peak_memory_mb: float = 0.0
     train_seconds: float = 0.0
+    compile_seconds: float = 0.0  # building a compiled or captured step, before the first epoch: in no epoch
     wall_seconds: float = 0.0
     message: str = ""
     checkpoints: dict[str, str] = field(default_factory=dict)
@@ -118,6 +119,7 @@ class RunResult:
             "device_name": self.device_name,
             "precision": self.config.precision,
             "loader": self.config.loader,
+            "step": self.config.step,
             "epochs_run": len(self.history),
             "val_accuracy": self.val_accuracy,
             "best_val_accuracy": self.best_val_accuracy,
@@ -128,6 +130,7 @@ class RunResult:
             "samples_per_second": self.history[-1].samples_per_second if self.history else None,
             "time_to_target_seconds": self.time_to_target_seconds,
             "train_seconds": self.train_seconds,
+            "compile_seconds": self.compile_seconds,
             "wall_seconds": self.wall_seconds,
             "peak_memory_mb": self.peak_memory_mb,
             "per_class_accuracy": self.per_class_accuracy,

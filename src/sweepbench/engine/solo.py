@@ -15,6 +15,8 @@ from ..data import Dataset
 from ..hardware import autocast
 from ..models import check_config, create_model
 from ..precisions import uses_grad_scaler
+from ..steps import STEPS
+from .capture import captured_step, plain_optimizer_state, warmup_batches
 from .checkpoint import load_resume, restore_checkpoint
 from .loaders import DeviceLoader, TorchvisionLoader
 from .optimizer import build_optimizer, contiguous_parameters, zero_gradients
@@ -66,9 +68,19 @@ class SoloStep:
         loader_class = DeviceLoader if config.loader == "device" else TorchvisionLoader
         self.loader = loader_class(x_train, y_train, dataset, config, device)
         self.resumed_history = restore_checkpoint(self, resumed) if resumed is not None else []
+        self.captured = (captured_step(config.step, self.module, self.parameter_buffers, self.optimizer, device,
+                                       config.precision) if STEPS.get(config.step).captured else None)
 
     def __len__(self) -> int:
         return len(self.loader)
+
+    def prepare(self) -> float:
+        """Compiles or captures the step for the batch shapes of an epoch; 0 for the eager step."""
+        if self.captured is None:
+            return 0.0
+        self.model.train()
+        partial = len(self.loader) % self.config.batch_size
+        return self.captured.prepare(warmup_batches(iter(self.loader.batches(1)), partial))
 
     def history(self, row: int) -> list[EpochRecord]:
         """The epochs run before this run started: a resumed checkpoint's."""
@@ -83,6 +95,8 @@ class SoloStep:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimizer step on a batch; returns its loss, detached, on the device (no host sync)."""
+        if self.captured is not None:
+            return self.captured(images, labels)
         with autocast(self.device, self.precision):
             loss = F.cross_entropy(self.model(images), labels)
         zero_gradients(self.parameter_buffers)
@@ -96,7 +110,7 @@ class SoloStep:
         return loss.detach()
 
     def learning_rates(self) -> list[float]:
-        return [self.optimizer.param_groups[0]["lr"]]
+        return [float(self.optimizer.param_groups[0]["lr"])]  # a captured step's is a device tensor
 
     def step_schedules(self) -> None:
         self.scheduler.step()
@@ -107,7 +121,7 @@ class SoloStep:
 
     def training_state(self, row: int, epochs: int) -> dict[str, Any]:
         """The run's state for ``engine.checkpoint.checkpoint_state``."""
-        state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+        state = {"model": self.module.state_dict(), "optimizer": plain_optimizer_state(self.optimizer.state_dict()),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                  "rng_cpu": torch.get_rng_state()}
         if self.device.type == "cuda":

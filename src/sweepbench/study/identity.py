@@ -35,6 +35,9 @@ SPEC_ATTR = "spec"  # study user attrs "spec.<version>": {"fingerprint", "identi
 VERSION_TAG = "sweepbench.spec_version"
 FINGERPRINT_TAG = "sweepbench.spec_fingerprint"
 LOCATION_FIELDS = ("data_dir", "download", "checkpoint_dir")
+# RunConfig fields added after studies were first recorded: at this default a study is the study it was before
+# the field existed, so its identity leaves the field out and a recorded study resumes as it was.
+LATER_FIELDS = {"step": "eager"}
 NEW_VERSION_FLAG = "--new-spec-version"
 SHOWN_CHANGES = 4
 
@@ -43,7 +46,8 @@ def identity(spec: StudySpec) -> dict[str, Any]:
     """The spec's identity as one flat mapping of dotted names (``train.lr``, ``search.lr.high``,
     ``objective[0].metric``) to canonical values, so that two identities compare, and differ, key by key."""
     flat: dict[str, Any] = {}
-    fixed = {key: value for key, value in spec.base_config.to_dict().items() if key not in LOCATION_FIELDS}
+    fixed = {key: value for key, value in spec.base_config.to_dict().items()
+             if key not in LOCATION_FIELDS and not (key in LATER_FIELDS and value == LATER_FIELDS[key])}
     _flatten("train", fixed, flat)
     for index, objective in enumerate(spec.objectives):
         flat[f"objective[{index}].metric"] = objective.metric

@@ -49,6 +49,7 @@ def final_metrics(result: RunResult, logging_seconds: float) -> list[Metric]:
                        "best_val_accuracy": result.best_val_accuracy,
                        "time_to_target_seconds": result.time_to_target_seconds,
                        "peak_memory_mb": result.peak_memory_mb, "train_seconds": result.train_seconds,
+                       "compile_seconds": result.compile_seconds,
                        "total_seconds": result.wall_seconds, "epoch_logging_seconds": logging_seconds},
                       len(result.history))
 

@@ -11,7 +11,8 @@ from ...precisions import PRECISIONS, uses_grad_scaler
 
 # What changes shapes or the step schedule: every member of a pack has the same.
 SHARED_FIELDS = ("model", "model_kwargs", "dataset", "dataset_kwargs", "data_dir", "val_size", "train_subset",
-                 "batch_size", "eval_batch_size", "epochs", "device", "precision", "compile", "loader", "augment")
+                 "batch_size", "eval_batch_size", "epochs", "device", "precision", "compile", "step", "loader",
+                 "augment")
 # What each member has of its own.
 MEMBER_FIELDS = ("lr", "lr_gamma", "momentum", "nesterov", "weight_decay", "optimizer", "seed", "target_accuracy",
                  "checkpoint_dir")
@@ -36,6 +37,8 @@ PACK_RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "resume": (bool, "no resume", "a fused run starts every member anew; resume a member's checkpoint with "
                                   "engine.train"),
     "compile": (bool, "compile = False", "fused training runs its vmapped model eagerly; use compile false"),
+    "step": (lambda step: step != "eager", "step = 'eager'",
+             "fused training runs its vmapped step eagerly; use step 'eager'"),
     "loader": (lambda loader: loader != "device", "loader = 'device'",
                "fused training batches on the device; use loader 'device'"),
     "precision": (uses_grad_scaler, f"precision other than {' or '.join(map(repr, SCALED))}",

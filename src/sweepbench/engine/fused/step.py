@@ -63,6 +63,10 @@ class PackStep:
     def __len__(self) -> int:
         return len(self.pack_batches)
 
+    def prepare(self) -> float:
+        """A pack's step is eager (the pack rules refuse another)."""
+        return 0.0
+
     def history(self, row: int) -> list[EpochRecord]:
         return []
 

@@ -1,0 +1,100 @@
+"""The captured step (``step = "compiled"`` / ``"graph"``) trains the run the eager step trains: the same weights,
+losses and accuracies within float tolerance, on real MNIST, for every optimizer, with and without dropout, fp32
+and bf16, across epochs of a learning-rate schedule and a last partial batch; its compile time is apart from
+every epoch. CUDA cases are marked and skip without a GPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from sweepbench.config import OPTIMIZERS, RunConfig
+from sweepbench.engine import RunResult, train
+from sweepbench.engine.checkpoint import load_checkpoint
+from sweepbench.status import RunStatus
+from sweepbench.tracking import MlflowLogger
+from tests.conftest import SHARED_DATA, requires_cuda
+
+# 2,000 images at batch 64: 31 full batches and a partial one of 16, so both shapes are compiled.
+SMALL = dict(data_dir=str(SHARED_DATA), train_subset=2000, val_size=1000, batch_size=64, epochs=2, lr_gamma=0.7,
+             seed=3, weight_decay=1e-2)
+OPTIMIZER_SETTINGS = {"sgd": dict(lr=0.05, momentum=0.9, nesterov=True), "adam": dict(lr=1e-3),
+                      "adamw": dict(lr=1e-3), "rmsprop": dict(lr=1e-3, momentum=0.5), "adadelta": dict(lr=1.0)}
+# Weights, losses (relative) and validation accuracy. Measured on real MNIST (2 epochs, 2,000 images; 3 epochs
+# resumed): fp32 losses agree to 1e-5, weights to 7e-4 (Adam's update of a weight whose gradient is near zero,
+# about the sign of that gradient, magnifies rounding). bf16 losses to 4e-3, weights to 1.2e-2 (Adadelta, lr 1.0):
+# the compiled kernels round bfloat16 activations at other places; bf16 against fp32, both eager, differ by 4e-2.
+TOLERANCE = {"fp32": dict(weights=dict(rtol=1e-3, atol=1.5e-3), loss=1e-4, accuracy=0.002),
+             "bf16": dict(weights=dict(rtol=5e-2, atol=2.5e-2), loss=1e-2, accuracy=0.005)}
+
+
+def config(optimizer: str, precision: str, dropout: float, step: str, device: str = "cpu", **changes) -> RunConfig:
+    return RunConfig(optimizer=optimizer, precision=precision, device=device, step=step,
+                     model_kwargs={"hidden_size": 64, "dropout": dropout}, **OPTIMIZER_SETTINGS[optimizer],
+                     **{**SMALL, **changes})
+
+
+def assert_same_run(captured: RunResult, eager: RunResult, precision: str) -> None:
+    assert captured.status == eager.status == RunStatus.COMPLETED, captured.message
+    tolerance = TOLERANCE[precision]
+    for name, weights in eager.model.state_dict().items():
+        torch.testing.assert_close(captured.model.state_dict()[name], weights, **tolerance["weights"], msg=name)
+    for ours, theirs in zip(captured.history, eager.history, strict=True):
+        assert ours.lr == pytest.approx(theirs.lr, rel=1e-6)
+        assert ours.train_loss == pytest.approx(theirs.train_loss, rel=tolerance["loss"])
+        assert ours.val_loss == pytest.approx(theirs.val_loss, rel=tolerance["loss"])
+        assert abs(ours.val_accuracy - theirs.val_accuracy) <= tolerance["accuracy"]
+
+
+CASES = [*[(optimizer, "fp32", 0.2) for optimizer in OPTIMIZERS],
+         *[(optimizer, "bf16", 0.0) for optimizer in OPTIMIZERS],
+         ("adadelta", "fp32", 0.0), ("adam", "bf16", 0.2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer, precision, dropout", CASES)
+def test_a_compiled_step_trains_the_run_the_eager_step_trains(optimizer: str, precision: str,
+                                                               dropout: float) -> None:
+    eager = train(config(optimizer, precision, dropout, "eager"))
+    compiled = train(config(optimizer, precision, dropout, "compiled"))
+    assert_same_run(compiled, eager, precision)
+    assert eager.compile_seconds == 0 and compiled.compile_seconds > 0
+
+
+@pytest.mark.slow
+def test_a_compiled_run_resumes_an_eager_checkpoint_and_an_eager_run_resumes_a_compiled_one(tmp_path: Path) -> None:
+    straight = train(config("adam", "fp32", 0.2, "eager", epochs=3))
+    for first, then in [("eager", "compiled"), ("compiled", "eager")]:
+        folder = tmp_path / f"{first}-{then}"
+        train(config("adam", "fp32", 0.2, first, epochs=1, checkpoint_dir=str(folder)))
+        assert isinstance(load_checkpoint(folder / "last.pt")["optimizer"]["param_groups"][0]["lr"], float)
+        resumed = train(config("adam", "fp32", 0.2, then, epochs=3, resume=str(folder / "last.pt")))
+        assert [record.epoch for record in resumed.history] == [1, 2, 3]
+        assert_same_run(resumed, straight, "fp32")
+
+
+@pytest.mark.slow
+def test_compile_seconds_are_logged_apart_from_the_epochs(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = train(config("sgd", "fp32", 0.0, "compiled", epochs=1), [MlflowLogger("capture", uri, log_model=False)])
+    run = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("capture").experiment_id])[0]
+    assert run.data.params["step"] == "compiled"
+    assert run.data.metrics["compile_seconds"] == pytest.approx(result.compile_seconds)
+    assert run.data.metrics["train_seconds"] == pytest.approx(sum(r.epoch_seconds for r in result.history))
+    assert result.wall_seconds > result.compile_seconds + result.train_seconds
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("step", ["compiled", "graph"])
+@pytest.mark.parametrize("optimizer, precision", [("adam", "fp32"), ("sgd", "bf16"), ("adadelta", "fp32"),
+                                                  ("rmsprop", "fp32"), ("adamw", "bf16")])
+def test_on_cuda_a_compiled_or_graph_step_trains_the_run_the_eager_step_trains(step: str, optimizer: str,
+                                                                                precision: str) -> None:
+    eager = train(config(optimizer, precision, 0.0, "eager", device="cuda"))
+    captured = train(config(optimizer, precision, 0.0, step, device="cuda"))
+    assert_same_run(captured, eager, precision)
+    assert captured.compile_seconds > 0
