@@ -75,6 +75,8 @@ def test_devices_file_covers_every_model_and_precision_and_gpu_file_the_targets(
     assert all((c.epochs, c.batch_size, c.optimizer, c.lr, c.lr_gamma, c.train_subset) == (14, 64, "adadelta", 1.0,
                                                                                           0.7, None) for c in mnist)
     assert {cell.batch_size for cell in gpu.cells if cell.model == "cifar_cnn"} == {256, 512}
+    assert {cell.step for cell in gpu.cells} == {"eager", "graph"}
+    assert {cell.precision for cell in gpu.cells if cell.refused} == {"cuda/fp16"}
     loaders = load_spec(BENCHMARKS / "loaders.toml")
     assert loaders.baseline == {"loader": "torchvision"}
     assert {cell.loader for cell in loaders.cells} == {"torchvision", "device"}
@@ -229,6 +231,27 @@ def test_loader_axis_compares_with_the_torchvision_reference(tmp_path, data_dir)
     assert abs(device.test_accuracy - reference.test_accuracy) < 0.05
     if not torch.cuda.is_available():
         assert table.loc[("cuda/fp32", "device")].status == "skipped: CUDA not available"
+
+
+@pytest.mark.slow
+def test_step_axis_compares_compiled_with_eager_and_skips_what_cannot_run_with_the_refusal(tmp_path, data_dir):
+    spec = small_spec(tmp_path, data_dir, precisions=("cpu/fp32", "cuda/fp16"),
+                      grid='steps = ["eager", "compiled", "graph"]', benchmark='baseline = { step = "eager" }')
+    report = run_benchmark(spec, sqlite_uri(tmp_path))
+    table = report.table.set_index(["precision", "step"])
+    eager, compiled = table.loc[("cpu/fp32", "eager")], table.loc[("cpu/fp32", "compiled")]
+    assert eager.status == compiled.status == "ok"
+    assert compiled.speedup == pytest.approx(eager.epoch_s_median / compiled.epoch_s_median)
+    assert compiled.compile_s > 0 and eager.compile_s == 0
+    assert abs(compiled.test_accuracy - eager.test_accuracy) < 0.01
+    assert table.loc[("cpu/fp32", "graph")].status == ("skipped: step: 'graph' needs device cuda, got cpu; on cpu "
+                                                       "use eager, compiled")
+    assert table.loc[("cuda/fp16", "compiled")].status.startswith(
+        "skipped: " + ("step: 'compiled' cannot train precision 'fp16'" if torch.cuda.is_available() else "CUDA"))
+    runs = {run.data.tags["benchmark_cell"]: run for run in MlflowClient(sqlite_uri(tmp_path)).search_runs(
+        [report.experiment_id], "tags.sweepbench.kind = 'cell'")}
+    assert runs["mnist_mlp cpu/fp32 device bs64 step=compiled"].data.params["step"] == "compiled"
+    assert runs["mnist_mlp cuda/fp16 device bs64 step=graph"].info.status == "KILLED"
 
 
 @pytest.mark.slow

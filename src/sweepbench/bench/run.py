@@ -16,6 +16,7 @@ from ..engine import RunResult, device_name, resolve_device, train
 from .. import report
 from ..precisions import PRECISIONS
 from ..status import MlflowStatus, RunStatus, mlflow_status
+from ..steps import check_step_device
 from ..tracking import MlflowLogger, Store, config_params, config_tags, environment_tags
 from .spec import BenchSpec, Cell
 from .table import CellOutcome, build_table, cell_figures, plot_speedups
@@ -29,6 +30,18 @@ def skip_reason(precision: str) -> str | None:
     except ConfigError:
         return f"{device_type.upper()} not available"
     return PRECISIONS.get(dtype).unsupported(device)
+
+
+def cell_skip_reason(cell: Cell) -> str | None:
+    """Why a cell cannot run here: its device/precision pair (``skip_reason``), settings that cannot train
+    together, or a step its device does not have; None when it can run."""
+    reason = skip_reason(cell.precision) or cell.refused
+    if reason is None:
+        try:
+            check_step_device(cell.step, cell.device)
+        except ConfigError as refusal:
+            reason = str(refusal)
+    return reason
 
 
 @dataclass
@@ -48,7 +61,7 @@ class _Tracking:
 def _cell_tags(cell: Cell) -> dict[str, str]:
     """The run schema's identity tags for a cell, plus which cell it is."""
     return {**config_tags(cell.config), "device": cell.device, "benchmark_cell": cell.label,
-            "bench_precision": cell.precision, "compile": str(cell.compile)}
+            "bench_precision": cell.precision, "compile": str(cell.compile), "step": cell.step}
 
 
 def _run_repeats(cell: Cell, repeats: int, tracking: _Tracking,
@@ -72,7 +85,7 @@ def run_cell(cell: Cell, spec: BenchSpec, tracking: _Tracking) -> CellOutcome:
     A failing cell (a crash inside ``torch.compile``, say) is recorded and the benchmark goes on; a
     ``ConfigError`` or a missing dataset is a mistake in the spec or the setup, and stops it.
     """
-    reason = skip_reason(cell.precision)
+    reason = cell_skip_reason(cell)
     hardware = {} if reason else environment_tags(resolve_device(cell.device))
     store, run_id = tracking.store, tracking.start_cell(cell, hardware)
     if reason is not None:

@@ -7,20 +7,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..config import (BENCH_GRID, BENCH_UNSUPPORTED, LOADERS, ConfigError, RunConfig, apply_overrides, bench_fields,
-                      error_within)
+from ..config import (BENCH_GRID, BENCH_UNSUPPORTED, LOADERS, STEPS, ConfigError, RunConfig, apply_overrides,
+                      bench_fields, error_within)
 from ..data import get_dataset_entry
 from ..devices import baseline_device, benchmarked_devices
-from ..precisions import advised, baseline_precision
 from ..models import check_fits, check_model_kwargs
+from ..precisions import advised, baseline_precision
+from ..steps import check_step_settings
 from .. import tomlcheck
 
 # device/precision pairs: every benchmarked device with each precision that runs there and is no trap there
 PRECISIONS = tuple(f"{device}/{precision}" for device in benchmarked_devices() for precision in advised(device))
 SECTIONS = ("benchmark", "grid", "defaults", "models")
 BENCHMARK_KEYS = ("name", "description", "repeats", "warmup_epochs", "baseline", "accuracy_tolerance")
-AXES = ("precisions", "loaders", "compile", "batch_sizes")
-BASELINE_KEYS = ("precision", "loader", "compile", "batch_size")
+AXES = ("precisions", "loaders", "compile", "steps", "batch_sizes")
+BASELINE_KEYS = ("precision", "loader", "compile", "step", "batch_size")
 GRID_OWNED_FIELDS = tuple(bench_fields(BENCH_GRID))
 UNSUPPORTED_FIELDS = tuple(bench_fields(BENCH_UNSUPPORTED))
 DEFAULT_BASELINE = f"{baseline_device()}/{baseline_precision()}"
@@ -28,14 +29,17 @@ DEFAULT_BASELINE = f"{baseline_device()}/{baseline_precision()}"
 
 @dataclass(frozen=True)
 class Cell:
-    """One grid point. ``precision`` is the device/precision pair (``cuda/fp16``); ``config`` runs it."""
+    """One grid point. ``precision`` is the device/precision pair (``cuda/fp16``); ``config`` runs it, unless
+    ``refused`` says why its settings cannot train together (a captured step with fp16): a skipped cell."""
 
     model: str
     precision: str
     loader: str
     compile: bool
+    step: str
     batch_size: int
     config: RunConfig = field(compare=False, hash=False)
+    refused: str | None = field(default=None, compare=False, hash=False)
 
     @property
     def device(self) -> str:
@@ -43,7 +47,7 @@ class Cell:
 
     @property
     def axes(self) -> dict[str, Any]:
-        return {"precision": self.precision, "loader": self.loader, "compile": self.compile,
+        return {"precision": self.precision, "loader": self.loader, "compile": self.compile, "step": self.step,
                 "batch_size": self.batch_size}
 
     @property
@@ -56,7 +60,8 @@ class Cell:
     @property
     def label(self) -> str:
         compiled = " compiled" if self.compile else ""
-        return f"{self.model} {self.precision} {self.loader} bs{self.batch_size}{compiled}"
+        step = f" step={self.step}" if self.step != STEPS[0] else ""
+        return f"{self.model} {self.precision} {self.loader} bs{self.batch_size}{compiled}{step}"
 
 
 @dataclass
@@ -85,6 +90,7 @@ AXIS_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "precisions": lambda label, value: tomlcheck.choice(label, value, PRECISIONS),
     "loaders": lambda label, value: tomlcheck.choice(label, value, LOADERS),
     "compile": tomlcheck.boolean,
+    "steps": lambda label, value: tomlcheck.choice(label, value, STEPS),
     "batch_sizes": tomlcheck.positive_int,
 }
 
@@ -122,18 +128,33 @@ def _model_cells(label: str, entry: Any, defaults: dict[str, Any], overrides: di
     if config.epochs <= warmup_epochs:
         raise ConfigError(f"{label}.epochs: {config.epochs} leaves no timed epoch; with warmup_epochs = "
                           f"{warmup_epochs} it must be >= {warmup_epochs + 1}")
-    axes = {"loaders": [config.loader], "compile": [config.compile], "batch_sizes": [config.batch_size],
-            **grid, **{key: value for key, value in entry.items() if key in AXES}}
+    axes = {"loaders": [config.loader], "compile": [config.compile], "steps": [config.step],
+            "batch_sizes": [config.batch_size], **grid, **{key: value for key, value in entry.items() if key in AXES}}
     if "precisions" not in axes:
         raise ConfigError(f"{label}: no precisions; set grid.precisions (choose from: {', '.join(PRECISIONS)})")
     for axis in AXES:
         _check_list(f"{label}.{axis}" if axis in entry else f"grid.{axis}", axes[axis], AXIS_CHECKS[axis])
     name = tomlcheck.string(f"{label}.label", entry.get("label", config.model))
-    return [Cell(name, precision, loader, compiled, batch_size,
-                 config.replace(device=precision.split("/")[0], precision=precision.split("/")[1], loader=loader,
-                                compile=compiled, batch_size=batch_size))
-            for batch_size, loader, compiled, precision in itertools.product(
-                axes["batch_sizes"], axes["loaders"], axes["compile"], axes["precisions"])]
+    return [_cell(name, config, precision, loader, compiled, step, batch_size)
+            for batch_size, loader, compiled, step, precision in itertools.product(
+                axes["batch_sizes"], axes["loaders"], axes["compile"], axes["steps"], axes["precisions"])]
+
+
+def _cell(name: str, config: RunConfig, precision: str, loader: str, compiled: bool, step: str,
+          batch_size: int) -> Cell:
+    """A grid point; one whose settings cannot train together is a refused cell, which the table shows as
+    skipped, with the refusal, instead of refusing the whole grid."""
+    device, dtype = precision.split("/")
+    try:
+        check_step_settings(step, dtype, compiled)
+    except ConfigError as refusal:
+        cell_config = config.replace(device=device, precision=dtype, loader=loader, compile=compiled,
+                                     batch_size=batch_size)
+        cell_config.step = step  # never trained: the params of its skipped MLflow run say what was asked
+        return Cell(name, precision, loader, compiled, step, batch_size, cell_config, refused=str(refusal))
+    return Cell(name, precision, loader, compiled, step, batch_size,
+                config.replace(device=device, precision=dtype, loader=loader, compile=compiled, step=step,
+                               batch_size=batch_size))
 
 
 def _check_cells(cells: list[Cell], baseline: dict[str, Any]) -> None:

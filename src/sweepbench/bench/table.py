@@ -55,6 +55,7 @@ def cell_figures(cell: Cell, results: Sequence[RunResult], warmup_epochs: int,
         "samples_per_s": _median_or_none([statistics.median(r.samples_per_second for r in records)
                                           for records in timed]),
         "train_s": _median_or_none([result.train_seconds for result in completed]),
+        "compile_s": _median_or_none([result.compile_seconds for result in completed]),
         "target": target,
         "time_to_target_s": _median_or_none(reached),
         "target_reached": f"{len(reached)}/{len(completed)}" if target is not None and completed else None,

@@ -8,7 +8,7 @@ mean over the group's runs, and speed-ups against a baseline group. Three rules 
   it and a note names it. Other settings that differ within a row (learning rates across study trials, say)
   are named in a note: the medians pool those runs.
 - **A stated baseline.** The user names it, or the default rule picks ``device=cpu``, ``precision=fp32``,
-  ``loader=torchvision``, ``compile=False`` for the keys that vary; the choice is printed. Each row is compared
+  ``loader=torchvision``, ``compile=False``, ``step=eager`` for the keys that vary; the choice is printed. Each row is compared
   with the baseline row that shares its other keys.
 - **No silent gaps.** A row without a baseline row gets no speed-up, and a note names it.
 """
@@ -24,6 +24,7 @@ from scipy import stats
 
 from ..devices import baseline_device
 from ..precisions import baseline_precision
+from ..steps import step_choices
 from ..validators import ConfigError, choice
 from ..tracking.schema import FUSED_TAG
 from .runs import has_key, run_values
@@ -38,11 +39,11 @@ SPREADS = {
 }
 # Settings that change what a run measures: runs that differ in one are never pooled in a row.
 SPLIT_SETTINGS = ("dataset", "model", "epochs", "batch_size", "train_subset", "val_size", "device", "precision",
-                  "loader", "compile", "augment", FUSED_TAG)  # a fused run's epoch times are its pack's
+                  "loader", "compile", "step", "augment", FUSED_TAG)  # a fused run's epoch times are its pack's
 # Settings whose differences do not change what is measured, or that differ between repeats by design.
 POOLED_SETTINGS = ("seed", "data_dir", "download", "checkpoint_dir", "resume", "eval_batch_size")
 DEFAULT_BASELINE = (("device", baseline_device()), ("precision", baseline_precision()), ("loader", "torchvision"),
-                    ("compile", "False"))
+                    ("compile", "False"), ("step", step_choices()[0]))
 CONFIDENCE = 0.95
 CI_NOTE = "ci95_low/high: 95% confidence interval of the mean over a row's runs (Student t); empty for one run"
 

@@ -83,8 +83,9 @@ def has_key(runs: pd.DataFrame, key: str) -> bool:
     return any(column in runs.columns for column in key_columns(key))
 
 
-# What a run written before its tag existed had: every run before fused training was trained alone.
-UNTAGGED = {FUSED_TAG: "false"}
+# What a run written before its tag or param existed had: every run before fused training was trained alone,
+# every run before the ``step`` setting had the eager step.
+UNTAGGED = {FUSED_TAG: "false", "step": "eager"}
 
 
 def run_values(runs: pd.DataFrame, key: str) -> pd.Series:
