@@ -68,8 +68,7 @@ class SoloStep:
         loader_class = DeviceLoader if config.loader == "device" else TorchvisionLoader
         self.loader = loader_class(x_train, y_train, dataset, config, device)
         self.resumed_history = restore_checkpoint(self, resumed) if resumed is not None else []
-        self.captured = (captured_step(config.step, self.module, self.parameter_buffers, self.optimizer, device,
-                                       config.precision) if STEPS.get(config.step).captured else None)
+        self.captured = (captured_step(config.step, self.module, self.optimizer, device, config.precision) if STEPS.get(config.step).captured else None)
 
     def __len__(self) -> int:
         return len(self.loader)
