@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 
 from sweepbench.bench import PRECISIONS, add_comparisons, load_spec, run_benchmark, skip_reason
 from sweepbench.config import ConfigError
+from sweepbench.precisions import cpu_support
 from tests.conftest import PROJECT_ROOT, requires_cuda, run_cli
 
 BENCHMARKS = PROJECT_ROOT / "benchmarks"
@@ -197,6 +198,7 @@ def test_quick_grid_on_cpu_fills_the_cpu_rows_and_skips_cuda_with_mlflow_runs(tm
         assert base.speedup == 1 and base.accuracy_delta == 0 and not base.accuracy_flag
         assert bf16.speedup == pytest.approx(base.epoch_s_median / bf16.epoch_s_median)
         assert bf16.accuracy_flag == (bf16.test_accuracy - base.test_accuracy < -0.02)
+        assert base.precision_support == "native" and bf16.precision_support == cpu_support("bf16")
 
     client = MlflowClient(sqlite_uri(tmp_path))
     parent = client.get_run(_parent_run_id(completed.stderr))

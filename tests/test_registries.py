@@ -9,14 +9,16 @@ import torch
 
 from sweepbench.bench.run import skip_reason
 from sweepbench.bench.spec import PRECISIONS as BENCH_PRECISIONS
-from sweepbench.config import DEVICES, PRECISIONS, ConfigError, RunConfig, advice
+from sweepbench.config import DEVICES, PRECISIONS, ConfigError, RunConfig, SettingWarning, advice
 from sweepbench.devices import DEVICES as DEVICE_REGISTRY
 from sweepbench.devices import resolve_device
-from sweepbench.engine import EpochRecord, best_record
+from sweepbench.engine import EpochRecord, best_record, train
 from sweepbench.engine.fused.pack import pack_refusals
-from sweepbench.hardware import autocast, set_precision_flags
+from sweepbench.hardware import autocast, environment_tags, set_precision_flags
 from sweepbench.precisions import PRECISIONS as PRECISION_REGISTRY
+from sweepbench.precisions import cpu_support, trap
 from sweepbench.status import STATUS_TABLE, MlflowStatus, RunStatus, mlflow_status, status_of_trial
+from tests.conftest import SHARED_DATA
 
 
 def test_the_settings_offer_exactly_the_registered_devices_and_precisions() -> None:
@@ -98,3 +100,30 @@ def test_the_best_epoch_is_the_first_of_equals_and_never_a_diverged_one() -> Non
     history = [record(1, 0.90), record(2, 0.95), record(3, 0.95), record(4, 0.99, train_loss=float("nan"))]
     assert best_record(history).epoch == 2
     assert best_record(history[3:]) is None
+
+
+@pytest.mark.parametrize("flags, support", [({"avx2"}, "emulated"), ({"avx2", "avx512f", "avx512_bf16"}, "native"),
+                                            ({"avx2", "amx_bf16", "amx_tile"}, "native")])
+def test_bf16_on_a_cpu_without_its_instructions_is_emulated_and_warned_about(monkeypatch, flags, support) -> None:
+    monkeypatch.setattr("sweepbench.precisions.cpu_flags", lambda: frozenset(flags))
+    assert cpu_support("bf16") == support and cpu_support("fp32") == "native"
+    notes = advice(RunConfig(precision="bf16"), "cpu", 60000)
+    if support == "native":
+        assert notes == []
+    else:
+        assert notes == [f"precision: bf16 is emulated on this CPU ({torch.backends.cpu.get_cpu_capability()}, none "
+                         f"of avx512_bf16, amx_bf16): 17x slower than fp32 for cifar_cnn on an AVX2-only AMD EPYC; "
+                         f"use fp32 here"]
+    assert advice(RunConfig(precision="bf16"), "cuda", 60000) == []
+
+
+def test_an_emulated_precision_warns_once_when_the_run_starts_and_every_run_records_the_cpus_support(
+        monkeypatch) -> None:
+    monkeypatch.setattr("sweepbench.precisions.cpu_flags", lambda: frozenset({"avx2"}))
+    config = RunConfig(precision="bf16", device="cpu", train_subset=500, val_size=500, data_dir=str(SHARED_DATA))
+    with pytest.warns(SettingWarning) as warned:
+        train(config)
+    assert [str(w.message) for w in warned if w.category is SettingWarning] == [trap("bf16", "cpu")]
+    tags = environment_tags(torch.device("cpu"))
+    assert tags["cpu_bf16"] == "emulated" and tags["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert set(tags) >= {"cpu_bf16", "cpu_fp16"}

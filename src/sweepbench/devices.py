@@ -4,8 +4,10 @@ queued work, how to read its peak memory. Adding a device is one ``register_devi
 
 from __future__ import annotations
 
+import functools
 import resource
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -78,6 +80,19 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"device: {name!r} requested but not available on this machine; available: "
                           f"{', '.join(entry.name for entry in available)} (or {AUTO})")
     return torch.device(name)
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (``avx512_bf16``, ``amx_bf16``, ...), from /proc/cpuinfo; empty where there is none."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    return frozenset(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+
+
+def cpu_capability() -> str:
+    """The widest vector instruction set PyTorch's CPU kernels use here (``AVX2``, ``AVX512``, ...)."""
+    return torch.backends.cpu.get_cpu_capability()
 
 
 def synchronize(device: torch.device) -> None:

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from .devices import peak_memory_mb, reset_peak_memory, resolve_device, synchronize
-from .precisions import autocast, set_precision_flags
+from .devices import cpu_capability, peak_memory_mb, reset_peak_memory, resolve_device, synchronize
+from .precisions import PRECISIONS, autocast, cpu_support, set_precision_flags
 
 __all__ = ["autocast", "device_name", "environment_record", "environment_tags", "git_commit", "peak_memory_mb",
            "reset_peak_memory", "resolve_device", "set_precision_flags", "synchronize"]
@@ -56,6 +56,9 @@ def environment_tags(device: torch.device) -> dict[str, str]:
         "host": platform.node(),
         "python_version": platform.python_version(),
         "platform": platform.platform(),
+        "cpu_capability": cpu_capability(),  # what the CPU runs, native or emulated, moves every CPU figure
+        **{f"cpu_{name}": cpu_support(name) for name in PRECISIONS.in_order()
+           if PRECISIONS.get(name).cpu_native_flags},
     }
     commit = git_commit()
     if commit:

@@ -10,6 +10,7 @@ import pandas as pd
 
 from .. import report
 from ..engine import RunResult
+from ..precisions import cpu_support
 from ..status import RunStatus
 from .spec import BASELINE_KEYS, BenchSpec, Cell
 
@@ -48,6 +49,7 @@ def cell_figures(cell: Cell, results: Sequence[RunResult], warmup_epochs: int,
     reached = [r.time_to_target_seconds for r in completed if r.time_to_target_seconds is not None]
     target = cell.config.target_accuracy
     return {
+        "precision_support": cpu_support(cell.config.precision) if cell.device == "cpu" else None,
         "repeats": len(completed),
         "epoch_s_median": _median_or_none(epoch_medians),
         "epoch_s_min": min(epoch_medians, default=None),
