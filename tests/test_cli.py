@@ -12,14 +12,15 @@ def cli_env(tmp_path):
     return {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "SWEEPBENCH_DATA_DIR": str(tmp_path / "none")}
 
 
-def test_train_json_ends_stdout_with_one_summary_object(data_dir, tmp_path, cli_env):
+def test_train_json_is_one_summary_object_alone_on_stdout(data_dir, tmp_path, cli_env):
     completed = run_cli("train", "--dataset", "mnist", "--data-dir", str(data_dir), "--epochs", "2",
                         "--model-arg", "hidden_size=32", "--batch-size", "256", "--optimizer", "adam", "--lr", "0.003",
                         "--json", cwd=tmp_path, env=cli_env, check=True)
-    summary = json.loads(completed.stdout.strip().splitlines()[-1])
+    summary = json.loads(completed.stdout)  # the whole of stdout: `| jq` reads it
     assert summary["status"] == "completed" and summary["val_accuracy"] > 0.9 and summary["test_accuracy"] > 0.9
     assert len(summary["epoch_seconds"]) == 2 and summary["samples_per_second"] > 0
-    assert "test accuracy" in completed.stdout
+    assert summary["mlflow_run_id"] and summary["step"] == "eager" and summary["compile_seconds"] == 0
+    assert "test accuracy" in completed.stderr and "browse" in completed.stderr
 
 
 def test_registries_are_listed(tmp_path):

@@ -21,17 +21,17 @@ def test_train_seeds_gives_one_run_per_seed_matching_solo_runs_and_their_spread(
     common = ("train", *SETTINGS, "--data-dir", str(data_dir), "--tracking-uri", tracking, "--json")
     fused = run_cli(*common, "--seeds", "0,1,2", cwd=tmp_path)
     assert fused.returncode == 0, fused.stderr
-    report = json.loads(fused.stdout.splitlines()[-1])
+    report = json.loads(fused.stdout)
     runs = report["runs"]
     assert [run["seed"] for run in runs] == [0, 1, 2] and {run["status"] for run in runs} == {"completed"}
     tests = [run["test_accuracy"] for run in runs]
     assert report["across_seeds"]["test_accuracy"]["mean"] == pytest.approx(statistics.fmean(tests))
     assert report["across_seeds"]["test_accuracy"]["std"] == pytest.approx(statistics.stdev(tests))
-    assert "test_accuracy over 3 seeds: mean" in fused.stdout
+    assert "test_accuracy over 3 seeds: mean" in fused.stderr  # the text summary: stdout is the JSON alone
 
     solo = run_cli(*common, "--seed", "1", cwd=tmp_path)
     assert solo.returncode == 0, solo.stderr
-    alone = json.loads(solo.stdout.splitlines()[-1])
+    alone = json.loads(solo.stdout)
     assert alone["best_val_accuracy"] == pytest.approx(runs[1]["best_val_accuracy"], abs=0.002)
     assert alone["test_accuracy"] == pytest.approx(runs[1]["test_accuracy"], abs=0.002)
 

@@ -8,6 +8,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import uuid
 from pathlib import Path
 from typing import Sequence
@@ -53,10 +54,11 @@ def train_seeds(args: argparse.Namespace, config: RunConfig) -> int:
     callbacks[0].insert(0, ProgressBar())  # one bar: the pack's epochs are every seed's
     results = train_fused(configs, callbacks)
     summaries = [result.summary() for result in results]
-    print(format_seeds(summaries, [config.seed for config in configs]))
+    human = sys.stderr if args.json else sys.stdout  # with --json, stdout is the JSON alone
+    print(format_seeds(summaries, [config.seed for config in configs]), file=human)
     if loggers:
         print(f"mlflow runs     {len(loggers)} in experiment {args.experiment!r} at {loggers[0].tracking_uri}, "
-              f"tag {SEED_GROUP_TAG} = {loggers[0].tags[SEED_GROUP_TAG]}")
+              f"tag {SEED_GROUP_TAG} = {loggers[0].tags[SEED_GROUP_TAG]}", file=human)
     if args.json:
         runs = [{**summary, "seed": config.seed, "mlflow_run_id": logger.run_id if loggers else None}
                 for summary, config, logger in zip(summaries, configs, loggers or [None] * len(configs))]

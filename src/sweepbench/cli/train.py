@@ -20,7 +20,8 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", metavar="S1,S2,...",
                         help="train the run at each of these seeds at once, fused as one stacked model, and end "
                              "with the mean and spread across seeds (e.g. 0,1,2,3,4)")
-    parser.add_argument("--json", action="store_true", help="end stdout with one JSON line")
+    parser.add_argument("--json", action="store_true",
+                        help="print the summary as one JSON line, alone on stdout (the text summary goes to stderr)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")
     add_data_args(parser)
     add_tracking_args(parser, default_experiment="train")
@@ -55,14 +56,16 @@ def _train(args: argparse.Namespace) -> int:
             print(f"sweepbench: note: --resume: {logger.continue_from(checkpoint, config)}", file=sys.stderr)
         _reconcile_experiment(logger)
         result, run_id = train_tracked(config, logger, [ProgressBar()]), logger.run_id
-    print(format_summary(result.summary()))
+    human = sys.stderr if args.json else sys.stdout  # with --json, stdout is the JSON alone: `| jq` reads it
+    print(format_summary(result.summary()), file=human)
     if not args.no_mlflow and logger.outage:
         print(f"sweepbench: error: the run was not logged to its end: {logger.outage}; `sweepbench runs "
               "reconcile` ends it once the store answers", file=sys.stderr)
         return 1
     if run_id:
-        print(f"mlflow run      {run_id} in experiment {logger.experiment!r} at {logger.tracking_uri}")
-        print(f"browse          {browse_hint(logger.tracking_uri, logger.store.experiment_id_of(run_id))}")
+        print(f"mlflow run      {run_id} in experiment {logger.experiment!r} at {logger.tracking_uri}", file=human)
+        print(f"browse          {browse_hint(logger.tracking_uri, logger.store.experiment_id_of(run_id))}",
+              file=human)
     if args.json:
         print(json.dumps({**result.summary(), "mlflow_run_id": run_id}))
     return 0 if result.status == RunStatus.COMPLETED else 1
@@ -89,11 +92,13 @@ def format_summary(summary: dict) -> str:
         f"status          {summary['status']}" + (f" ({summary['message']})" if summary["message"] else ""),
         f"model/dataset   {summary['model']} on {summary['dataset']}",
         f"device          {summary['device']} ({summary['device_name']}), {summary['precision']}, "
-        f"loader {summary['loader']}",
+        f"loader {summary['loader']}, step {summary['step']}",
         f"val accuracy    {percent(summary['val_accuracy'])} (best {percent(summary['best_val_accuracy'])} "
         f"at epoch {summary['best_epoch']})",
         f"test accuracy   {percent(summary['test_accuracy'])}",
-        f"epoch seconds   {', '.join(f'{s:.2f}' for s in seconds) or '-'}",
+        f"epoch seconds   {', '.join(f'{s:.2f}' for s in seconds) or '-'}"
+        + (f" (compiling the step: {summary['compile_seconds']:.1f} s before the first)"
+           if summary["compile_seconds"] else ""),
         f"samples/second  {summary['samples_per_second'] or 0:,.0f}",
         f"peak memory     {summary['peak_memory_mb']:.0f} MiB",
     ]
