@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import signal
 import sqlite3
 import subprocess
@@ -291,6 +292,9 @@ def test_a_study_resumed_after_sigkill_ends_with_exactly_n_finished_and_none_run
     process.communicate()
     resumed = run_cli(*args, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert re.search(r"resuming study 'killed': \d of 3 trials finished \(\d complete, \d pruned\), 0 failed; "
+                     r"1 running \(another worker's, or left by a process that is gone: .*\); \d to run",
+                     resumed.stderr), resumed.stderr
     study = optuna.load_study(study_name="killed", storage=storage)
     assert_exactly(study, 3)
     assert study.trials[victim.number].state == TrialState.FAIL
@@ -323,6 +327,11 @@ def test_ctrl_c_or_sigterm_marks_the_current_trial_and_queues_it_again(tmp_path:
     assert parent.info.status == "KILLED"
     assert {run.info.status for run in children if run.data.tags["optuna.trial_number"] == str(victim.number)} \
         == {"KILLED"}
+    if signum == signal.SIGINT:
+        resumed = run_cli(*study_args(spec, data_dir), cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stderr
+        assert f"queued again: trial {victim.number} as {queued[0].number}; " in resumed.stderr, resumed.stderr
+        assert_exactly(optuna.load_study(study_name="interrupted", storage=storage), 3)
 
 
 def test_workers_starting_at_the_same_point_on_two_machines_get_different_seeds(tmp_path: Path) -> None:

@@ -112,6 +112,28 @@ def useful_workers(job: StudyJob, tally: Tally) -> int:
     return useful
 
 
+def resume_line(study: optuna.Study, job: StudyJob) -> str | None:
+    """What a rerun finds in its study and queues again, in one line; None for a new study."""
+    trials = study.get_trials(deepcopy=False)
+    if not trials:
+        return None
+    tally = Tally.of(trials)
+    states = [trial.state for trial in trials]
+    queued = [trial for trial in trials if trial.state == optuna.trial.TrialState.WAITING]
+    again = [f"trial {trial.system_attrs[RETRY_HISTORY][-1]} as {trial.number}" for trial in queued
+             if trial.system_attrs.get(RETRY_HISTORY)]
+    parts = [f"resuming study {job.spec.name!r}: {tally.finished} of {job.spec.target_trials()} trials finished "
+             f"({states.count(optuna.trial.TrialState.COMPLETE)} complete, "
+             f"{states.count(optuna.trial.TrialState.PRUNED)} pruned), {tally.failed} failed"]
+    if again:
+        parts.append(f"queued again: {', '.join(again)}")
+    if tally.running:
+        parts.append(f"{tally.running} running (another worker's, or left by a process that is gone: failed and "
+                     f"queued again once its heartbeats stop)")
+    parts.append(f"{tally.slots(job.spec)} to run")
+    return "; ".join(parts)
+
+
 def run_study(job: StudyJob) -> StudyOutcome:
     """Runs (or resumes) a study with ``job.workers`` local workers, then logs its outcome to the parent run.
     A study that stops on ``max_failed_trials`` ends FAILED; Ctrl-C ends it KILLED and re-raises. The heartbeat
@@ -125,6 +147,9 @@ def run_study(job: StudyJob) -> StudyOutcome:
         job, storage = adopted, open_storage(adopted)
         study = load_study(job, storage)
     tally = Tally.of(study.get_trials(deepcopy=False))
+    resuming = resume_line(study, job)
+    if resuming:
+        log.info(resuming)
     job = dataclasses.replace(job, spec_version=identity.version_of(study, job.spec),
                               workers=useful_workers(job, tally))
     finished_before = tally.finished
