@@ -5,6 +5,7 @@ ends with exactly N finished trials, nothing RUNNING in Optuna or MLflow, and no
 
 from __future__ import annotations
 
+import io
 import contextlib
 import os
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 import optuna
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
@@ -416,3 +418,10 @@ def test_a_study_keeps_the_checkpoints_its_spec_asks_for(tmp_path: Path, data_di
     expected = {"best": [f"trial-{study.best_trial.number:04d}/best.pt"], "none": [],
                 "all": [f"trial-{number:04d}/{name}" for number in range(3) for name in ("best.pt", "last.pt")]}
     assert kept == expected[policy]
+    exported = subprocess.run([sys.executable, "-m", "sweepbench.cli", "study", "export", "kept", "--storage",
+                               sqlite_storage(tmp_path, "kept"), "--format", "csv"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+    assert exported.returncode == 0, exported.stderr
+    listed = pd.read_csv(io.StringIO(exported.stdout))["user_attrs_checkpoint"].dropna()
+    assert sorted(str((tmp_path / path).resolve().relative_to(root)) for path in listed) == [
+        name for name in expected[policy] if name.endswith("best.pt")]

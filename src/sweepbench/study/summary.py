@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -14,6 +15,8 @@ from optuna.trial import FrozenTrial, TrialState
 from .coordination import FINISHED, Tally
 from .identity import VERSION_ATTR
 from .storage import ERROR_ATTR, _quiet
+
+CHECKPOINT_COLUMN = "user_attrs_checkpoint"  # a trial's best.pt, as study.trial records it
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +134,9 @@ def describe_importances(study: optuna.Study) -> str:
 def export_trials(study: optuna.Study, fmt: str) -> str:
     """Every trial in one of the report formats (md, csv, html, ...): number, state, objective values,
     parameters (``params_*``), start and end times (ISO 8601), duration in seconds and the trial's own
-    attributes (``user_attrs_*``); Optuna's internal ``system_attrs`` are left out."""
+    attributes (``user_attrs_*``); Optuna's internal ``system_attrs`` are left out. A checkpoint that is not
+    there (removed by the spec's ``keep_checkpoints``, or not on this machine) reads empty: the export points at
+    no file that is gone."""
     from ..report import export_table
 
     table = study.trials_dataframe(attrs=("number", "state", "value", "datetime_start", "datetime_complete",
@@ -141,4 +146,7 @@ def export_trials(study: optuna.Study, fmt: str) -> str:
     for column in ("datetime_start", "datetime_complete"):
         if column in table:
             table[column] = table[column].map(lambda value: None if pd.isna(value) else value.isoformat())
+    if CHECKPOINT_COLUMN in table:
+        table[CHECKPOINT_COLUMN] = table[CHECKPOINT_COLUMN].map(
+            lambda path: path if isinstance(path, str) and Path(path).is_file() else None)
     return export_table(table, fmt, title=f"study {study.study_name}: trials")
