@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -12,14 +13,14 @@ import pandas as pd
 import torch
 from ..config import ConfigError
 from ..data import DataNotFoundError
-from ..engine import RunResult, device_name, resolve_device, train
+from ..engine import Callback, EpochRecord, RunResult, StopTraining, TrainContext, device_name, resolve_device, train
 from .. import report
 from ..precisions import PRECISIONS
 from ..status import MlflowStatus, RunStatus, mlflow_status
 from ..steps import check_step_device
 from ..tracking import MlflowLogger, Store, config_params, config_tags, environment_tags
 from .spec import BenchSpec, Cell
-from .table import CellOutcome, build_table, cell_figures, plot_speedups
+from .table import CUT, CellOutcome, build_table, cell_figures, plot_speedups
 
 
 def skip_reason(precision: str) -> str | None:
@@ -64,19 +65,48 @@ def _cell_tags(cell: Cell) -> dict[str, str]:
             "bench_precision": cell.precision, "compile": str(cell.compile), "step": cell.step}
 
 
-def _run_repeats(cell: Cell, repeats: int, tracking: _Tracking,
-                 cell_run_id: str) -> tuple[list[RunResult], list[float]]:
-    """The repeats' results, and the 1-minute load average after each: other work on the machine shows there."""
+class CellBudget(Callback):
+    """Cuts a cell whose repeats are projected past ``budget`` seconds, after its first timed epoch (of its first
+    repeat): the time spent so far, plus that epoch's training and evaluation for every epoch left. A quick
+    benchmark then keeps its stated time on a CPU where a cell is many times slower (emulated bf16), and the cell
+    is reported as cut, with its projection and its one timed epoch, instead of silently taking the time."""
+
+    def __init__(self, budget: float, warmup_epochs: int, repeats: int) -> None:
+        self.budget, self.warmup_epochs, self.repeats = budget, warmup_epochs, repeats
+        self.projected: float | None = None
+
+    def on_train_start(self, context: TrainContext) -> None:
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, context: TrainContext, record: EpochRecord) -> None:
+        if record.epoch != self.warmup_epochs + 1:
+            return
+        epochs = context.config.epochs
+        left = epochs * self.repeats - record.epoch
+        projected = time.perf_counter() - self.started + left * (record.epoch_seconds + record.eval_seconds)
+        if projected > self.budget:
+            self.projected = projected
+            raise StopTraining(f"{CUT}: projected {projected:.0f} s for {self.repeats} repeat(s) of {epochs} "
+                               f"epochs, past the cell budget of {self.budget:g} s", status=RunStatus.STOPPED)
+
+
+def _run_repeats(cell: Cell, spec: BenchSpec, tracking: _Tracking,
+                 cell_run_id: str) -> tuple[list[RunResult], list[float], CellBudget | None]:
+    """The repeats' results, the 1-minute load average after each (other work on the machine shows there) and
+    the budget that watched the first repeat (None without one)."""
     results, loads = [], []
-    for repeat in range(1, repeats + 1):
+    budget = (None if spec.cell_budget_seconds is None
+              else CellBudget(spec.cell_budget_seconds, spec.warmup_epochs, spec.repeats))
+    for repeat in range(1, spec.repeats + 1):
         logger = MlflowLogger(tracking.experiment, tracking.store.tracking_uri, f"{cell.label} repeat {repeat}",
                               cell_run_id, tags={"repeat": str(repeat), "benchmark_cell": cell.label},
                               log_model=False, log_artifacts=False, kind="repeat")
-        results.append(train(cell.config.replace(seed=cell.config.seed + repeat - 1), [logger]))
+        callbacks = [logger, budget] if budget is not None and repeat == 1 else [logger]
+        results.append(train(cell.config.replace(seed=cell.config.seed + repeat - 1), callbacks))
         loads.append(os.getloadavg()[0])
         if results[-1].status != RunStatus.COMPLETED:
             break
-    return results, loads
+    return results, loads, budget
 
 
 def run_cell(cell: Cell, spec: BenchSpec, tracking: _Tracking) -> CellOutcome:
@@ -93,7 +123,7 @@ def run_cell(cell: Cell, spec: BenchSpec, tracking: _Tracking) -> CellOutcome:
         store.end_run(run_id, MlflowStatus.KILLED, {"status": outcome.status, "skipped": reason})
         return outcome
     try:
-        results, loads = _run_repeats(cell, spec.repeats, tracking, run_id)
+        results, loads, budget = _run_repeats(cell, spec, tracking, run_id)
     except KeyboardInterrupt:
         store.end_run(run_id, MlflowStatus.KILLED, {"status": f"{RunStatus.KILLED}: interrupted"})
         raise
@@ -106,7 +136,10 @@ def run_cell(cell: Cell, spec: BenchSpec, tracking: _Tracking) -> CellOutcome:
         return outcome
     last = results[-1]
     status = "ok" if last.status == RunStatus.COMPLETED else f"{last.status}: {last.message}"
-    outcome = CellOutcome(cell, status, run_id, cell_figures(cell, results, spec.warmup_epochs, loads))
+    figures = cell_figures(cell, results, spec.warmup_epochs, loads)
+    if budget is not None and budget.projected is not None:
+        status, figures["projected_s"] = last.message, budget.projected
+    outcome = CellOutcome(cell, status, run_id, figures)
     store.log(run_id, metrics=_finite(outcome.figures))
     store.end_run(run_id, mlflow_status(last.status), {"status": status})
     return outcome

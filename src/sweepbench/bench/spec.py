@@ -19,7 +19,8 @@ from .. import tomlcheck
 # device/precision pairs: every benchmarked device with each precision that runs there and is no trap there
 PRECISIONS = tuple(f"{device}/{precision}" for device in benchmarked_devices() for precision in advised(device))
 SECTIONS = ("benchmark", "grid", "defaults", "models")
-BENCHMARK_KEYS = ("name", "description", "repeats", "warmup_epochs", "baseline", "accuracy_tolerance")
+BENCHMARK_KEYS = ("name", "description", "repeats", "warmup_epochs", "baseline", "accuracy_tolerance",
+                  "cell_budget_seconds")
 AXES = ("precisions", "loaders", "compile", "steps", "batch_sizes")
 BASELINE_KEYS = ("precision", "loader", "compile", "step", "batch_size")
 GRID_OWNED_FIELDS = tuple(bench_fields(BENCH_GRID))
@@ -74,6 +75,7 @@ class BenchSpec:
     accuracy_tolerance: float
     cells: list[Cell]
     text: str = ""
+    cell_budget_seconds: float | None = None  # a cell projected past it is cut after its first timed epoch
 
 
 def _check_list(label: str, values: Any, check: Callable[[str, Any], Any]) -> list:
@@ -194,7 +196,9 @@ def parse_spec(document: dict[str, Any], name: str, text: str = "", **overrides:
                                                   allow_empty=True),
                      repeats=tomlcheck.positive_int("benchmark.repeats", meta.get("repeats", 3)),
                      warmup_epochs=warmup_epochs, baseline=baseline, accuracy_tolerance=float(tolerance),
-                     cells=cells, text=text)
+                     cells=cells, text=text,
+                     cell_budget_seconds=tomlcheck.optional(meta.get("cell_budget_seconds"), lambda seconds: float(
+                         tomlcheck.positive_number("benchmark.cell_budget_seconds", seconds))))
 
 
 def load_spec(path: str | Path, *, repeats: int | None = None, devices: Sequence[str] | None = None,

@@ -34,6 +34,9 @@ class CellOutcome:
                 f"test accuracy {self.figures['test_accuracy']:.4f}")
 
 
+CUT = "cut"  # the message of a repeat that ``run.CellBudget`` stopped
+
+
 def _median_or_none(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -44,7 +47,8 @@ def cell_figures(cell: Cell, results: Sequence[RunResult], warmup_epochs: int,
     ``load_1m_max``: the highest 1-minute load average seen after a repeat; the benchmark alone makes it
     about the number of torch threads, so a higher figure means other work shared the cores."""
     completed = [result for result in results if result.status == RunStatus.COMPLETED]
-    timed = [result.history[warmup_epochs:] for result in completed]
+    cut = [result for result in results if result.message.startswith(CUT)]  # its one timed epoch is a figure
+    timed = [result.history[warmup_epochs:] for result in completed or cut]
     epoch_medians = [statistics.median(r.epoch_seconds for r in records) for records in timed]
     reached = [r.time_to_target_seconds for r in completed if r.time_to_target_seconds is not None]
     target = cell.config.target_accuracy
