@@ -1,4 +1,9 @@
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,3 +59,15 @@ def test_asking_for_absent_cuda_is_a_clear_error(data_dir, tmp_path, cli_env):
     completed = run_cli("train", "--device", "cuda", "--data-dir", str(data_dir), cwd=tmp_path, env=cli_env)
     assert completed.returncode == 2
     assert "device: 'cuda' requested but not available on this machine; available: cpu" in completed.stderr
+
+
+def test_the_ui_hint_names_the_command_as_the_user_ran_it(data_dir, tmp_path):
+    args = ["train", "--data-dir", str(data_dir), "--train-subset", "500", "--val-size", "500",
+            "--model-arg", "hidden_size=8"]
+    as_module = run_cli(*args, cwd=tmp_path, check=True)
+    assert re.search(r"browse +\S*python\S* -m sweepbench.cli ui, then open http://127.0.0.1:5000/", as_module.stdout)
+    script = Path(sys.executable).parent / "sweepbench"  # a venv's script, its venv not activated
+    as_script = subprocess.run([str(script), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                               env={**os.environ, "PATH": "/usr/bin:/bin"})
+    assert as_script.returncode == 0, as_script.stderr
+    assert f"browse          {script} ui, then open" in as_script.stdout

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from .store import artifact_root
+
+PROGRAM = "sweepbench"
 
 
 def ui_command(tracking_uri: str, host: str, port: int) -> list[str]:
@@ -56,11 +60,30 @@ def experiment_url(base_url: str, experiment_id: str) -> str:
     return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}?{MODEL_TRAINING_VIEW}"
 
 
+def invoked_as() -> str:
+    """The command as the user ran it, so a hint can be pasted as it is: ``sweepbench`` where that is on the
+    PATH, else the script's path as typed (``.venv/bin/sweepbench`` in a venv not activated), or
+    ``<python> -m sweepbench.cli``."""
+    script = sys.argv[0] if sys.argv else ""
+    if Path(script).name != PROGRAM:
+        return f"{_shortest(sys.executable)} -m sweepbench.cli"
+    on_path = shutil.which(PROGRAM)
+    if on_path and Path(on_path).resolve() == Path(script).resolve():
+        return PROGRAM
+    return script
+
+
+def _shortest(path: str) -> str:
+    relative = os.path.relpath(path)
+    return relative if len(relative) < len(path) else path
+
+
 def browse_hint(tracking_uri: str, experiment_id: str) -> str:
     """How to see an experiment's runs: its link on a tracking server, or ``sweepbench ui`` and the link."""
     from .store import default_tracking_uri, is_server
 
     if is_server(tracking_uri):
         return experiment_url(tracking_uri, experiment_id)
-    command = "sweepbench ui" + ("" if tracking_uri == default_tracking_uri() else f" --tracking-uri {tracking_uri}")
+    command = f"{invoked_as()} ui" + ("" if tracking_uri == default_tracking_uri() else
+                                      f" --tracking-uri {tracking_uri}")
     return f"{command}, then open {experiment_url(f'http://{UI_HOST}:{UI_PORT}', experiment_id)}"
