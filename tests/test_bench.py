@@ -226,12 +226,19 @@ def test_quick_grid_on_cpu_fills_the_cpu_rows_and_skips_cuda_with_mlflow_runs(tm
     assert "| ok " in markdown and "nan" not in markdown
 
 
+def run_axis(tmp_path, data_dir, precisions, axis: str, values: list, baseline: str):
+    """A small benchmark over ``precisions`` x one more axis (``loaders``, ``steps``) against ``baseline``, run
+    here; its report, and its table indexed by precision and that axis's column."""
+    spec = small_spec(tmp_path, data_dir, precisions=precisions, grid=f"{axis} = {values!r}",
+                      benchmark=f"baseline = {{ {axis.removesuffix('s')} = {baseline!r} }}")
+    report = run_benchmark(spec, sqlite_uri(tmp_path))
+    return report, report.table.set_index(["precision", axis.removesuffix("s")])
+
+
 @pytest.mark.slow
 def test_loader_axis_compares_with_the_torchvision_reference(tmp_path, data_dir):
-    spec = small_spec(tmp_path, data_dir, precisions=("cpu/fp32", "cuda/fp32"),
-                      grid='loaders = ["torchvision", "device"]', benchmark='baseline = { loader = "torchvision" }')
-    report = run_benchmark(spec, sqlite_uri(tmp_path))
-    table = report.table.set_index(["precision", "loader"])
+    _, table = run_axis(tmp_path, data_dir, ("cpu/fp32", "cuda/fp32"), "loaders", ["torchvision", "device"],
+                        "torchvision")
     reference, device = table.loc[("cpu/fp32", "torchvision")], table.loc[("cpu/fp32", "device")]
     assert reference.speedup == 1 and device.speedup == pytest.approx(reference.epoch_s_median /
                                                                       device.epoch_s_median)
@@ -260,10 +267,8 @@ def test_a_cell_projected_past_its_budget_is_cut_after_its_first_timed_epoch_and
 
 @pytest.mark.slow
 def test_step_axis_compares_compiled_with_eager_and_skips_what_cannot_run_with_the_refusal(tmp_path, data_dir):
-    spec = small_spec(tmp_path, data_dir, precisions=("cpu/fp32", "cuda/fp16"),
-                      grid='steps = ["eager", "compiled", "graph"]', benchmark='baseline = { step = "eager" }')
-    report = run_benchmark(spec, sqlite_uri(tmp_path))
-    table = report.table.set_index(["precision", "step"])
+    report, table = run_axis(tmp_path, data_dir, ("cpu/fp32", "cuda/fp16"), "steps",
+                             ["eager", "compiled", "graph"], "eager")
     eager, compiled = table.loc[("cpu/fp32", "eager")], table.loc[("cpu/fp32", "compiled")]
     assert eager.status == compiled.status == "ok"
     assert compiled.speedup == pytest.approx(eager.epoch_s_median / compiled.epoch_s_median)
