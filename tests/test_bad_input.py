@@ -89,7 +89,7 @@ TRAIN_CASES = {  # name: (train arguments, what the one line says)
     "compiled step with fp16": (["--step", "compiled", "--precision", "fp16"],
                                 r"step: 'compiled' cannot train precision 'fp16': its GradScaler skips a step"),
     "compiled step with compile": (["--step", "compiled", "--compile"],
-                                   r"step: 'compiled' compiles the whole step, compile = true the model alone"),
+                                   r"step: 'compiled' compiles the whole step already, and compile = true would"),
     "seeds with compiled step": (["--seeds", "0,1", "--step", "compiled"],
                                  r"step: member 0 has 'compiled'; fused training runs its vmapped step eagerly"),
 }

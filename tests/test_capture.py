@@ -98,3 +98,23 @@ def test_on_cuda_a_compiled_or_graph_step_trains_the_run_the_eager_step_trains(s
     captured = train(config(optimizer, precision, 0.0, step, device="cuda"))
     assert_same_run(captured, eager, precision)
     assert captured.compile_seconds > 0
+
+
+@pytest.mark.slow
+def test_a_batch_of_a_shape_not_prepared_fails_in_one_line_and_prepare_leaves_the_run_as_it_was() -> None:
+    from sweepbench.data import load_dataset
+    from sweepbench.engine.solo import SoloStep
+
+    run = config("adam", "fp32", 0.2, "compiled", epochs=1)
+    dataset = load_dataset("mnist", run.data_dir, False, run.val_size)
+    images, labels = dataset.x_train[:run.train_subset], dataset.y_train[:run.train_subset]
+    step = SoloStep([run], dataset, images, labels, torch.device("cpu"), None)
+    before = {name: tensor.clone() for name, tensor in step.module.state_dict().items()}
+    random_state = torch.get_rng_state()
+    assert step.prepare() > 0
+    assert all(torch.equal(tensor, before[name]) for name, tensor in step.module.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), random_state)
+    assert all(torch.count_nonzero(value) == 0 for state in step.optimizer.state.values() for value in state.values())
+    batch_images, batch_labels = next(iter(step.batches(1)))
+    with pytest.raises(RuntimeError, match=r"^step: a batch of 7 samples was not prepared; prepared: 64, 16$"):
+        step(batch_images[:7], batch_labels[:7])

@@ -64,6 +64,7 @@ def test_asking_for_absent_cuda_is_a_clear_error(data_dir, tmp_path, cli_env):
 def test_the_ui_hint_names_the_command_as_the_user_ran_it(data_dir, tmp_path):
     args = ["train", "--data-dir", str(data_dir), "--train-subset", "500", "--val-size", "500",
             "--model-arg", "hidden_size=8"]
+    args += ["--tracking-uri", f"sqlite:///{tmp_path.resolve()}/mlruns/mlflow.db"]  # the default here: not named
     as_module = run_cli(*args, cwd=tmp_path, check=True)
     assert re.search(r"browse +\S*python\S* -m sweepbench.cli ui, then open http://127.0.0.1:5000/", as_module.stdout)
     script = Path(sys.executable).parent / "sweepbench"  # a venv's script, its venv not activated

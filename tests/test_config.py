@@ -21,8 +21,9 @@ VALID = {
     "val_size": ("100", 100), "train_subset": ("500", 500), "optimizer": ("sgd", "sgd"), "lr": ("0.01", 0.01),
     "momentum": ("0.9", 0.9), "nesterov": ("true", True), "weight_decay": ("1e-4", 1e-4), "lr_gamma": ("0.7", 0.7),
     "batch_size": ("128", 128), "eval_batch_size": ("500", 500), "epochs": ("3", 3), "seed": ("7", 7),
-    "device": ("cpu", "cpu"), "precision": ("bf16", "bf16"), "compile": ("true", True), "step": ("compiled", "compiled"), "loader": ("torchvision",
-    "torchvision"), "augment": ("true", True), "target_accuracy": ("0.9", 0.9), "checkpoint_dir": ("/tmp/c", "/tmp/c"),
+    "device": ("cpu", "cpu"), "precision": ("bf16", "bf16"), "compile": ("true", True),
+    "step": ("compiled", "compiled"), "loader": ("torchvision", "torchvision"), "augment": ("true", True),
+    "target_accuracy": ("0.9", 0.9), "checkpoint_dir": ("/tmp/c", "/tmp/c"),
     "resume": ("/tmp/c/last.pt", "/tmp/c/last.pt"),
 }
 BAD_VALUES = [  # (key, TOML value, what the one error line says)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from mlflow import MlflowClient
 
 from sweepbench.report import compare_runs, load_runs
 from tests.conftest import mlflow_server, run_cli
+from tests.test_report import markdown_rows
 from tests.test_study import write_spec
 
 EXPERIMENT = "mixed"  # the study's name: its runs share the experiment with the train and benchmark runs
@@ -158,11 +160,34 @@ def test_html_is_a_styled_page_with_the_notes_and_no_nan(store, tmp_path):
     folder, uri = store
     output = tmp_path / "report.html"
     run_cli("report", "--tracking-uri", uri, "--experiment", EXPERIMENT, "--group-by", "model,precision",
-            "--output", str(output), cwd=folder, check=True)
+            "--output", str(output), "--plot", str(tmp_path / "charts"), cwd=folder, check=True)
     page = output.read_text()
     assert page.startswith("<!DOCTYPE html>") and "<style>" in page and "<table>" in page
-    assert "nan" not in page.lower() and "baseline: precision=fp32 (the default rule)" in page
+    assert '<div class="scroll"><table>' in page, "a wide table scrolls in its own box, not the page"
+    assert page.count('<img src="data:image/png;base64,') == len(list((tmp_path / "charts").glob("*.png"))) == 2
+    text = re.sub(r'<img src="data:image/png;base64,[^"]*"', "", page)  # base64 may spell anything
+    assert "nan" not in text.lower() and "baseline: precision=fp32 (the default rule)" in page
     assert "95% confidence interval of the mean" in page and "rows split by" in page
+
+
+@pytest.mark.slow
+def test_the_default_table_is_compact_and_a_report_over_experiments_says_which_each_row_is(store):
+    folder, uri = store
+    completed = run_cli("report", "--tracking-uri", uri, "--group-by", "model", cwd=folder, check=True)
+    rows = markdown_rows(completed.stdout)
+    header = list(rows[0])  # the keys (split by what differs inside a group), then the compact figures
+    assert header[:2] == ["experiment", "model"] and header[header.index("runs"):] == [
+        "runs", "test_accuracy_median", "test_accuracy_ci95_low", "test_accuracy_ci95_high", "train_seconds_median",
+        "train_seconds_speedup"]
+    assert {row["experiment"] for row in rows} == {EXPERIMENT, "other"}
+    assert "note: rows by experiment: the runs come from 2 experiments" in completed.stderr
+    every, _ = report_json(folder, uri, "--group-by", "model")
+    assert {"best_val_accuracy_median", "peak_memory_mb_range", "samples_per_second_ci95_high"} <= set(every)
+    asked = run_cli("report", "--tracking-uri", uri, "--group-by", "model", "--metrics", "val_accuracy",
+                    cwd=folder, check=True)
+    asked_header = list(markdown_rows(asked.stdout)[0])
+    assert asked_header[asked_header.index("runs"):] == ["runs", "val_accuracy_median", "val_accuracy_range",
+                                                         "val_accuracy_ci95_low", "val_accuracy_ci95_high"]
 
 
 def test_old_stores_without_kind_tags_are_read_by_the_tags_their_writers_set(tmp_path):

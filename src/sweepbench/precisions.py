@@ -15,6 +15,8 @@ from .devices import cpu_capability, cpu_flags
 from .registry import Registry
 from .validators import ConfigError
 
+X86_BASELINE_FLAG = "sse2"  # every x86-64 CPU's flags line has it: the flags are x86 ones
+
 
 def _always(device: torch.device) -> str | None:
     return None
@@ -88,12 +90,14 @@ def advised(device_type: str) -> list[str]:
 
 
 def cpu_support(precision: str) -> str:
-    """``native`` where this CPU has an instruction set for ``precision`` (or it needs none: fp32), else
-    ``emulated``: PyTorch then converts to float32 and back around every operation."""
+    """``native`` where this CPU has an instruction set for ``precision`` (or it needs none: fp32), ``emulated``
+    where it has not (PyTorch then converts to float32 and back around every operation), ``unknown`` where its
+    flags say nothing: no x86 flags line (an ARM CPU, macOS), whose names ``cpu_native_flags`` would not know."""
     entry = PRECISIONS.get(precision)
-    if entry.autocast_dtype is None or set(entry.cpu_native_flags) & cpu_flags():
+    flags = cpu_flags()
+    if entry.autocast_dtype is None or set(entry.cpu_native_flags) & flags:
         return "native"
-    return "emulated"
+    return "emulated" if X86_BASELINE_FLAG in flags else "unknown"
 
 
 def trap(precision: str, device_type: str) -> str | None:

@@ -57,8 +57,8 @@ def check_step_settings(step: str, precision: str, compile: bool) -> None:
                           f"host-side check, which a compiled or captured step cannot hold; use bf16 or fp32, or "
                           f"step 'eager'")
     if compile:
-        raise ConfigError(f"step: {step!r} compiles the whole step, compile = true the model alone; use one: "
-                          f"compile false, or step 'eager'")
+        raise ConfigError(f"step: {step!r} compiles the whole step already, and compile = true would compile the "
+                          f"model inside it again; set compile false, or step 'eager' to compile the model alone")
 
 
 def check_step_device(step: str, device_type: str) -> None:

@@ -20,7 +20,9 @@ from ..status import MlflowStatus, RunStatus, mlflow_status
 from ..steps import check_step_device
 from ..tracking import MlflowLogger, Store, config_params, config_tags, environment_tags
 from .spec import BenchSpec, Cell
-from .table import CUT, CellOutcome, build_table, cell_figures, plot_speedups
+from .table import CellOutcome, build_table, cell_figures, plot_speedups
+
+CUT = "cut"  # how the status of a cell ``CellBudget`` stopped begins
 
 
 def skip_reason(precision: str) -> str | None:
@@ -67,7 +69,8 @@ def _cell_tags(cell: Cell) -> dict[str, str]:
 
 class CellBudget(Callback):
     """Cuts a cell whose repeats are projected past ``budget`` seconds, after its first timed epoch (of its first
-    repeat): the time spent so far, plus that epoch's training and evaluation for every epoch left. A quick
+    repeat): the time spent so far, plus that epoch's training and evaluation for every epoch left, plus for
+    every repeat left what this one spent outside its epochs (building a compiled step, say). A quick
     benchmark then keeps its stated time on a CPU where a cell is many times slower (emulated bf16), and the cell
     is reported as cut, with its projection and its one timed epoch, instead of silently taking the time."""
 
@@ -81,9 +84,10 @@ class CellBudget(Callback):
     def on_epoch_end(self, context: TrainContext, record: EpochRecord) -> None:
         if record.epoch != self.warmup_epochs + 1:
             return
-        epochs = context.config.epochs
+        epochs, elapsed = context.config.epochs, time.perf_counter() - self.started
+        fixed = elapsed - sum(r.epoch_seconds + r.eval_seconds for r in context.history)  # a compile, say
         left = epochs * self.repeats - record.epoch
-        projected = time.perf_counter() - self.started + left * (record.epoch_seconds + record.eval_seconds)
+        projected = elapsed + left * (record.epoch_seconds + record.eval_seconds) + (self.repeats - 1) * fixed
         if projected > self.budget:
             self.projected = projected
             raise StopTraining(f"{CUT}: projected {projected:.0f} s for {self.repeats} repeat(s) of {epochs} "
@@ -136,8 +140,9 @@ def run_cell(cell: Cell, spec: BenchSpec, tracking: _Tracking) -> CellOutcome:
         return outcome
     last = results[-1]
     status = "ok" if last.status == RunStatus.COMPLETED else f"{last.status}: {last.message}"
-    figures = cell_figures(cell, results, spec.warmup_epochs, loads)
-    if budget is not None and budget.projected is not None:
+    was_cut = budget is not None and budget.projected is not None
+    figures = cell_figures(cell, results, spec.warmup_epochs, loads, cut=was_cut)
+    if was_cut:
         status, figures["projected_s"] = last.message, budget.projected
     outcome = CellOutcome(cell, status, run_id, figures)
     store.log(run_id, metrics=_finite(outcome.figures))

@@ -34,21 +34,19 @@ class CellOutcome:
                 f"test accuracy {self.figures['test_accuracy']:.4f}")
 
 
-CUT = "cut"  # the message of a repeat that ``run.CellBudget`` stopped
-
-
 def _median_or_none(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
 def cell_figures(cell: Cell, results: Sequence[RunResult], warmup_epochs: int,
-                 loads: Sequence[float] = ()) -> dict[str, Any]:
-    """A cell's figures over its completed repeats (None where none completed), as table columns.
+                 loads: Sequence[float] = (), cut: bool = False) -> dict[str, Any]:
+    """A cell's figures over its completed repeats (None where none completed), as table columns; of a ``cut``
+    cell, the epoch figures of its one cut repeat.
     ``load_1m_max``: the highest 1-minute load average seen after a repeat; the benchmark alone makes it
     about the number of torch threads, so a higher figure means other work shared the cores."""
     completed = [result for result in results if result.status == RunStatus.COMPLETED]
-    cut = [result for result in results if result.message.startswith(CUT)]  # its one timed epoch is a figure
-    timed = [result.history[warmup_epochs:] for result in completed or cut]
+    timed_runs = results if cut else completed  # a cut cell's one timed epoch is a figure
+    timed = [result.history[warmup_epochs:] for result in timed_runs]
     epoch_medians = [statistics.median(r.epoch_seconds for r in records) for records in timed]
     reached = [r.time_to_target_seconds for r in completed if r.time_to_target_seconds is not None]
     target = cell.config.target_accuracy

@@ -9,6 +9,8 @@ from ..config import DEVICES, PRECISIONS, parse_overrides
 from ..devices import benchmarked_devices
 from ..status import MlflowStatus
 from ..validators import choice
+
+PEOPLE_FORMATS = ("md", "html")  # a compact table by default; csv, json and latex hold every column
 from .options import add_data_args, add_set_arg, add_tracking_args, split_list, write_output
 
 
@@ -49,7 +51,10 @@ def add_report_parser(commands: argparse._SubParsersAction) -> None:
                              "and the summaries (study, bench, cell)")
     parser.add_argument("--group-by", default="model,dataset,device,precision,optimizer",
                         help="comma-separated params/tags to group by (tags first: device is the device used)")
-    parser.add_argument("--metrics", help="comma-separated metrics (default: accuracies, times, throughput, memory)")
+    parser.add_argument("--metrics", help="comma-separated metrics, every column of each (default: md and html show "
+                                          "test accuracy with its 95%% interval and training time with its "
+                                          "speed-up; csv and json every column of accuracies, times, throughput "
+                                          "and memory)")
     parser.add_argument("--spread", default="range", help="spread across repeats: range, iqr or std")
     parser.add_argument("--baseline", metavar="KEY=VALUE[,...]",
                         help="baseline group for speed-ups, e.g. precision=fp32 (default: device=cpu, precision=fp32, "
@@ -65,7 +70,8 @@ def add_report_parser(commands: argparse._SubParsersAction) -> None:
 
 def _report(args: argparse.Namespace) -> int:
     from ..paths import output_file, writable_folder
-    from ..report import compare_runs, export_table, format_for_path, load_runs, parse_baseline, write_plots
+    from ..report import (compact_view, compare_runs, export_table, format_for_path, load_runs, parse_baseline,
+                          write_plots)
     from ..tracking import resolve_tracking_uri
 
     output_file("--output", args.output)
@@ -77,15 +83,17 @@ def _report(args: argparse.Namespace) -> int:
                               parse_baseline(args.baseline) if args.baseline else None)
     for note in comparison.notes:
         print(f"note: {note}", file=sys.stderr)
-    text = export_table(comparison.table, args.format or (args.output and format_for_path(args.output)) or "md",
-                        comparison.notes, f"sweepbench report: {', '.join(args.experiment or ['all experiments'])}")
+    charts = write_plots(runs, comparison, args.plot, args.accuracy_metric, args.time_metric) if args.plot else []
+    for path in charts:
+        print(f"wrote {path}", file=sys.stderr)
+    fmt = args.format or (args.output and format_for_path(args.output)) or "md"
+    table = compact_view(comparison) if args.metrics is None and fmt in PEOPLE_FORMATS else comparison.table
+    text = export_table(table, fmt, comparison.notes,
+                        f"sweepbench report: {', '.join(args.experiment or ['all experiments'])}", charts)
     if args.output:
         write_output(args.output, text)
     else:
         print(text)
-    if args.plot:
-        for path in write_plots(runs, comparison, args.plot, args.accuracy_metric, args.time_metric):
-            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

@@ -58,16 +58,17 @@ def _train(args: argparse.Namespace) -> int:
         result, run_id = train_tracked(config, logger, [ProgressBar()]), logger.run_id
     human = sys.stderr if args.json else sys.stdout  # with --json, stdout is the JSON alone: `| jq` reads it
     print(format_summary(result.summary()), file=human)
-    if not args.no_mlflow and logger.outage:
-        print(f"sweepbench: error: the run was not logged to its end: {logger.outage}; `sweepbench runs "
+    outage = None if args.no_mlflow else logger.outage
+    if args.json:  # a run the store missed the end of still gives its summary
+        print(json.dumps({**result.summary(), "mlflow_run_id": run_id, "tracking_outage": outage}))
+    if outage:
+        print(f"sweepbench: error: the run was not logged to its end: {outage}; `sweepbench runs "
               "reconcile` ends it once the store answers", file=sys.stderr)
         return 1
     if run_id:
         print(f"mlflow run      {run_id} in experiment {logger.experiment!r} at {logger.tracking_uri}", file=human)
         print(f"browse          {browse_hint(logger.tracking_uri, logger.store.experiment_id_of(run_id))}",
               file=human)
-    if args.json:
-        print(json.dumps({**result.summary(), "mlflow_run_id": run_id}))
     return 0 if result.status == RunStatus.COMPLETED else 1
 
 

@@ -3,22 +3,24 @@ captured in a CUDA graph (``step = "graph"``), so that an epoch costs the device
 
 The function is functional where it must be and PyTorch's own where it can be: ``torch.func.grad_and_value``
 gives the loss and the gradient of each parameter in one traceable call, written into the gradient of the run's
-contiguous parameter buffer (``optimizer.contiguous_parameters``), and the update is torch.optim's own ``step`` unwrapped of the graph breaks it takes under
-torch.compile, so every optimizer, weight decay and momentum train exactly as in the eager step. The learning
-rate is a device tensor that StepLR fills in place, so a schedule never recompiles or re-captures; losses stay on
-the device. ``steps.py`` refuses what cannot be in such a step (fp16's GradScaler, whose step skips on a host
-check), and a recompile after ``prepare`` raises instead of compiling inside a timed epoch.
+contiguous parameter buffer (``optimizer.contiguous_parameters``); the update is torch.optim's own ``step``,
+unwrapped of the graph breaks it takes under torch.compile, so every optimizer, weight decay and momentum train
+as in the eager step. The learning rate is a device tensor that StepLR fills in place, so a schedule never
+recompiles or re-captures; losses stay on the device. ``steps.py`` refuses what cannot be in such a step (fp16's
+GradScaler, whose step skips on a host check).
 
 ``prepare`` builds the function for each batch shape an epoch has (the full batch and the last, partial one),
-on real batches, then puts the run back exactly as it was (weights, buffers, optimizer state, random state):
-what it cost is the run's ``compile_seconds``, never part of an epoch.
+on real batches, then puts the run back as it was (weights, buffers, optimizer state, random state), whether it
+succeeded or not: what it cost is the run's ``compile_seconds``, never part of an epoch. After it, a batch of a
+shape not prepared fails in one line instead of compiling or capturing inside a timed epoch; what else the
+compiled graphs were built on is not checked again per batch (see ``CompiledStep.__call__``).
 """
 
 from __future__ import annotations
 
 import inspect
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,7 @@ from ..devices import synchronize
 from ..hardware import autocast
 
 GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before a capture, as torch.cuda.graphs asks
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class FunctionalStep:
@@ -39,15 +42,17 @@ class FunctionalStep:
                  capturable: bool) -> None:
         self.module, self.optimizer = module, optimizer
         self.device, self.precision = device, precision
-        self.names, self.parameters = zip(*module.named_parameters())  # views into the contiguous buffers
+        trained = [(name, parameter) for name, parameter in module.named_parameters() if parameter.requires_grad]
+        self.names, self.parameters = zip(*trained)  # views into the contiguous buffers; frozen ones stay as they are
         self.update = inspect.unwrap(type(optimizer).step)  # torch.optim's step without its graph breaks
         optimizer._opt_called = True  # what the wrapper skipped would say: StepLR then knows the step ran
         for group in optimizer.param_groups:
             group["lr"] = torch.tensor(float(group["lr"]), device=device)  # filled in place by StepLR
-            group["fused"] = False  # torch.compile traces the single-tensor update; a CUDA graph captures it
-            if "capturable" in group:
-                group["capturable"] = capturable
-        if capturable:
+            if not capturable:
+                group["fused"] = False  # torch.compile traces the single-tensor update, not a fused kernel
+            elif "capturable" in group:
+                group["capturable"] = True  # steps and learning rate on the device, no host sync to capture
+        if capturable:  # a fused update (SGD, Adam, AdamW on CUDA) takes the tensor learning rate as it is
             _steps_to_device(optimizer, device)
 
     def loss(self, parameters: tuple[torch.Tensor, ...], images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -80,16 +85,20 @@ class _Snapshot:
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
         self.module, self.optimizer, self.device = module, optimizer, device
-        self.tensors = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+        self.tensors = {name: tensor.detach().clone() for name, tensor in self._tensors().items()}
         self.state = {id(param): {key: value.clone() for key, value in state.items()
                                   if isinstance(value, torch.Tensor)}
                       for param, state in optimizer.state.items()}
         self.rng_cpu = torch.get_rng_state()
-        self.rng_cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.rng_device = _DEVICE_RNG[device.type][0](device) if device.type in _DEVICE_RNG else None
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """Parameters and every buffer (BatchNorm's running statistics and count; non-persistent ones too)."""
+        return {**dict(self.module.named_parameters()), **dict(self.module.named_buffers())}
 
     @torch.no_grad()
     def restore(self) -> None:
-        for name, tensor in self.module.state_dict().items():
+        for name, tensor in self._tensors().items():
             tensor.copy_(self.tensors[name])
         for param, state in self.optimizer.state.items():
             saved = self.state.get(id(param), {})
@@ -97,71 +106,95 @@ class _Snapshot:
                 if isinstance(value, torch.Tensor):
                     value.copy_(saved[key]) if key in saved else value.zero_()
         torch.set_rng_state(self.rng_cpu)
-        if self.rng_cuda is not None:
-            torch.cuda.set_rng_state(self.rng_cuda, self.device)
+        if self.rng_device is not None:
+            _DEVICE_RNG[self.device.type][1](self.rng_device, self.device)
 
 
-def warmup_batches(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], partial: int) -> list[tuple]:
-    """A full batch and, where an epoch ends on a partial one of ``partial`` samples, that shape too: every
-    shape the step will see."""
-    images, labels = next(batches)
+_DEVICE_RNG: dict[str, tuple[Callable, Callable]] = {  # device type -> (get, set) of its random state
+    "cuda": (torch.cuda.get_rng_state, torch.cuda.set_rng_state),
+    "mps": (lambda device: torch.mps.get_rng_state(), lambda state, device: torch.mps.set_rng_state(state)),
+}
+
+
+def warmup_batches(first: Batch, partial: int) -> list[Batch]:
+    """The ``first`` batch of an epoch and, where an epoch ends on a partial one of ``partial`` samples, that
+    shape too: every shape the step will see."""
+    images, labels = first
     shapes = [(images, labels)]
     if partial and partial != len(labels):
         shapes.append((images[:partial].contiguous(), labels[:partial].contiguous()))
     return shapes
 
 
-class CompiledStep:
-    """The functional step under ``torch.compile(fullgraph=True, dynamic=False)``: one graph per batch shape."""
+class _Captured:
+    """What the compiled and the graph step share: ``prepare`` around a snapshot, the prepared shapes."""
 
     def __init__(self, functional: FunctionalStep) -> None:
         self.functional = functional
-        self.compiled: Callable | None = None
+        self.prepared: list[int] = []
 
-    def prepare(self, shapes: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """Compiles the step for each shape (twice for the first: torch.optim creates its state on the first
-        step), then puts the run back as it was; returns the seconds it took."""
+    def prepare(self, draw: Callable[[], list[Batch]]) -> float:
+        """Builds the step for each shape ``draw()`` gives, then puts the run back as it was before the draw
+        (whatever happens); returns the seconds it took."""
         functional = self.functional
         started = time.perf_counter()
         snapshot = _Snapshot(functional.module, functional.optimizer, functional.device)
-        torch._dynamo.reset()  # an earlier run's step in this process is done with; its cache entries go
-        self.compiled = torch.compile(functional, fullgraph=True, dynamic=False)
-        with torch._inductor.config.patch(fallback_random=True):  # dropout draws as the eager step draws
-            for images, labels in [shapes[0], *shapes]:
-                self.compiled(images, labels)
-        snapshot.restore()
+        try:
+            shapes = draw()
+            self.build(shapes)
+            self.prepared = [len(labels) for _, labels in shapes]
+        finally:
+            snapshot.restore()
         synchronize(functional.device)
         return time.perf_counter() - started
 
+    def build(self, shapes: list[Batch]) -> None:
+        raise NotImplementedError
+
+    def not_prepared(self, size: int) -> RuntimeError:
+        return RuntimeError(f"step: a batch of {size} samples was not prepared; prepared: "
+                            f"{', '.join(map(str, self.prepared))}")
+
+
+class CompiledStep(_Captured):
+    """The functional step under ``torch.compile(fullgraph=True, dynamic=False)``: one graph per batch shape."""
+
+    def build(self, shapes: list[Batch]) -> None:
+        """Compiles a graph per shape (the first shape twice: torch.optim creates its state on the first step,
+        and the graph of the steps after it is another)."""
+        torch._dynamo.reset()  # an earlier run's step in this process is done with; its cache entries go
+        self.compiled = torch.compile(self.functional, fullgraph=True, dynamic=False)
+        with torch._inductor.config.patch(fallback_random=True):  # dropout draws as the eager step draws
+            for images, labels in [shapes[0], *shapes]:
+                self.compiled(images, labels)
+
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Only the guards that tell the shapes' graphs apart are checked: the others cost 85 us a step, a sixth
-        of the seed recipe's, and would go unseen if what they watch changed, which between two batches of one
-        training nothing does (the model stays in training mode; the learning rate is a tensor, its value no
-        guard). A batch of a shape not prepared fails instead of compiling inside the epoch."""
+        """Only the guards that tell the shapes' graphs apart are checked (the others cost 85 us a step, a sixth
+        of the seed recipe's). So what the graphs were built on is taken as unchanged between batches: training
+        mode (``SoloStep.batches`` sets it before each epoch), grad mode, autocast, the optimizer's
+        hyperparameters other than the learning rate (a tensor, its value no guard; ``restore_checkpoint``
+        applies the run's own before ``prepare``). A change to one of them would go unseen, not recompile."""
+        if len(labels) not in self.prepared:
+            raise self.not_prepared(len(labels))
         with torch.compiler.set_stance("fail_on_recompile", skip_guard_eval_unsafe=True):
             return self.compiled(images, labels)
 
 
-class GraphStep:
-    """The functional step captured in one CUDA graph per batch shape (sharing one memory pool), replayed with
-    the batch copied into the graph's static input buffers."""
+class GraphStep(_Captured):
+    """The functional step captured in one CUDA graph per batch shape, replayed with the batch copied into the
+    graph's static input buffers. The graphs share one memory pool although they do not replay in the order
+    they were captured: safe here because each replay's only output, the loss, is copied out at once."""
 
-    def __init__(self, functional: FunctionalStep) -> None:
-        self.functional = functional
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-    def prepare(self, shapes: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        functional = self.functional
-        started = time.perf_counter()
-        snapshot = _Snapshot(functional.module, functional.optimizer, functional.device)
-        side = torch.cuda.Stream(functional.device)
-        side.wait_stream(torch.cuda.current_stream(functional.device))
+    def build(self, shapes: list[Batch]) -> None:
+        functional, device = self.functional, self.functional.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(GRAPH_WARMUP_STEPS):
                 for images, labels in shapes:
                     functional(images, labels)
-        torch.cuda.current_stream(functional.device).wait_stream(side)
-        snapshot.restore()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         pool = None
         for images, labels in shapes:
             static_images, static_labels = images.clone(), labels.clone()
@@ -170,10 +203,10 @@ class GraphStep:
                 static_loss = functional(static_images, static_labels)
             pool = graph.pool()
             self.graphs[len(labels)] = (graph, static_images, static_labels, static_loss)
-        synchronize(functional.device)
-        return time.perf_counter() - started
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if len(labels) not in self.graphs:
+            raise self.not_prepared(len(labels))
         graph, static_images, static_labels, static_loss = self.graphs[len(labels)]
         static_images.copy_(images)
         static_labels.copy_(labels)

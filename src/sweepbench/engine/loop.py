@@ -197,7 +197,8 @@ def run_members(configs: Sequence[RunConfig], callbacks: Sequence[Sequence[Callb
     try:
         for member in training.members:
             training.hook_or_stop(member, "on_train_start", started=started)
-        training.prepare()
+        if training.running:  # every member may have been stopped at its start: nothing to compile for
+            training.prepare()
         for epoch in range(len(training.members[0].history) + 1, configs[0].epochs + 1):
             if not training.running:
                 break

@@ -68,7 +68,8 @@ class SoloStep:
         loader_class = DeviceLoader if config.loader == "device" else TorchvisionLoader
         self.loader = loader_class(x_train, y_train, dataset, config, device)
         self.resumed_history = restore_checkpoint(self, resumed) if resumed is not None else []
-        self.captured = (captured_step(config.step, self.module, self.optimizer, device, config.precision) if STEPS.get(config.step).captured else None)
+        self.captured = (captured_step(config.step, self.module, self.optimizer, device, config.precision)
+                         if STEPS.get(config.step).captured else None)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -79,7 +80,7 @@ class SoloStep:
             return 0.0
         self.model.train()
         partial = len(self.loader) % self.config.batch_size
-        return self.captured.prepare(warmup_batches(iter(self.loader.batches(1)), partial))
+        return self.captured.prepare(lambda: warmup_batches(next(iter(self.loader.batches(1))), partial))
 
     def history(self, row: int) -> list[EpochRecord]:
         """The epochs run before this run started: a resumed checkpoint's."""

@@ -32,6 +32,9 @@ from .runs import has_key, run_values
 DEFAULT_GROUP_BY = ("model", "dataset", "device", "precision", "optimizer")
 DEFAULT_METRICS = ("test_accuracy", "best_val_accuracy", "train_seconds", "samples_per_second",
                    "time_to_target_seconds", "peak_memory_mb")
+# The table for people (``compact_view``): the objective with its interval, the time with its speed-up.
+COMPACT_COLUMNS = ("test_accuracy_median", "test_accuracy_ci95_low", "test_accuracy_ci95_high",
+                   "train_seconds_median", "train_seconds_speedup")
 SPREADS = {
     "range": lambda values: values.max() - values.min(),
     "iqr": lambda values: values.quantile(0.75) - values.quantile(0.25),
@@ -191,9 +194,12 @@ def compare_runs(runs: pd.DataFrame, group_by: Sequence[str] = DEFAULT_GROUP_BY,
     if runs.empty:
         raise ConfigError("no runs match the selection")
     choice("spread", spread, tuple(SPREADS))
-    group_by, metrics = list(group_by), metric_names(runs, metrics)
+    group_by, metrics, notes = list(group_by), metric_names(runs, metrics), []
+    experiments = runs["experiment"].nunique() if "experiment" in runs else 1
+    if experiments > 1 and "experiment" not in group_by:
+        group_by.insert(0, "experiment")
+        notes.append(f"rows by experiment: the runs come from {experiments} experiments (a study's are its own)")
     frame = per_run_frame(runs, group_by, metrics)
-    notes = []
     splits = _splits(runs, frame, group_by)
     if splits:
         frame = pd.concat([frame, pd.DataFrame({key: run_values(runs, key) for key in splits})], axis=1)
@@ -208,6 +214,14 @@ def compare_runs(runs: pd.DataFrame, group_by: Sequence[str] = DEFAULT_GROUP_BY,
     comparison = Comparison(table, keys, frame[keys + metrics], baseline, notes)
     _add_speedups(comparison, [metric for metric in metrics if is_duration(metric) or is_throughput(metric)])
     return comparison
+
+
+def compact_view(comparison: Comparison) -> pd.DataFrame:
+    """The comparison as a person reads it first: its keys, runs, the test accuracy's median with its 95%
+    interval, the training time's median and speed-up (``COMPACT_COLUMNS``, those the table has). ``--metrics``
+    and the csv and json formats give every column."""
+    shown = [*comparison.group_by, "runs", *(column for column in COMPACT_COLUMNS if column in comparison.table)]
+    return comparison.table[shown]
 
 
 def _add_speedups(comparison: Comparison, metrics: list[str]) -> None:

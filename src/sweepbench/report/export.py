@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import os
@@ -24,6 +25,8 @@ th, td { padding: 0.3em 0.7em; border-bottom: 1px solid #ddd; }
 th { background: #f3f3f3; text-align: left; position: sticky; top: 0; }
 td.number { text-align: right; font-variant-numeric: tabular-nums; }
 tr:hover td { background: #f7fbff; }
+div.scroll { max-width: 100%; overflow-x: auto; }
+figure { margin: 1.5em 0; } figure img { max-width: 100%; }
 """
 
 
@@ -56,8 +59,15 @@ def _html_cell(value: Any) -> str:
     return f"<td>{html.escape(str(value))}</td>"
 
 
-def html_page(table: pd.DataFrame, title: str = "sweepbench comparison", notes: Sequence[str] = ()) -> str:
-    """A self-contained page: the title, the notes, and the table with numbers to 4 significant digits."""
+def _embedded_image(path: Path) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(Path(path).stem)}"></figure>'
+
+
+def html_page(table: pd.DataFrame, title: str = "sweepbench comparison", notes: Sequence[str] = (),
+              images: Sequence[str | os.PathLike] = ()) -> str:
+    """A self-contained page: the title, the notes, the table with numbers to 4 significant digits, and
+    ``images`` (PNG charts) embedded, so that the one file can be sent or opened anywhere."""
     header = "".join(f"<th>{html.escape(str(column))}</th>" for column in table.columns)
     rows = "\n".join("<tr>" + "".join(_html_cell(value) for value in row) + "</tr>"
                      for row in _blank_missing(table).itertuples(index=False))
@@ -65,12 +75,15 @@ def html_page(table: pd.DataFrame, title: str = "sweepbench comparison", notes: 
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{HTML_STYLE}</style></head>\n<body><h1>{html.escape(title)}</h1>\n"
             + (f'<ul class="notes">{note_items}</ul>\n' if notes else "")
-            + f"<table>\n<thead><tr>{header}</tr></thead>\n<tbody>\n{rows}\n</tbody></table>\n</body></html>")
+            + f'<div class="scroll"><table>\n<thead><tr>{header}</tr></thead>\n<tbody>\n{rows}\n</tbody></table></div>\n'
+            + "".join(_embedded_image(path) for path in images) + "</body></html>")
 
 
-def export_table(table: pd.DataFrame, fmt: str, notes: Sequence[str] = (), title: str = "sweepbench comparison") -> str:
+def export_table(table: pd.DataFrame, fmt: str, notes: Sequence[str] = (), title: str = "sweepbench comparison",
+                 images: Sequence[str | os.PathLike] = ()) -> str:
     """Renders a table as text in one of ``EXPORT_FORMATS``; csv and json parse back to the same numbers.
-    ``notes`` go into the HTML page (other formats stay plain tables: print the notes beside them)."""
+    ``notes`` and ``images`` go into the HTML page (other formats stay plain tables: print the notes beside
+    them)."""
     choice("format", fmt, EXPORT_FORMATS)
     if fmt == "md":
         return _blank_missing(table).to_markdown(index=False, floatfmt=".4g")
@@ -79,7 +92,7 @@ def export_table(table: pd.DataFrame, fmt: str, notes: Sequence[str] = (), title
     if fmt == "json":
         return json.dumps(_blank_missing(table).to_dict(orient="records"), indent=2, default=_json_value)
     if fmt == "html":
-        return html_page(table, title, notes)
+        return html_page(table, title, notes, images)
     return table.to_latex(index=False, float_format="%.4g", na_rep="")
 
 

@@ -50,7 +50,8 @@ def make_job(spec: StudySpec, storage_url: str | None = None, tracking_uri: str 
             raise ConfigError(f"{option}: {value!r} is out of range; it must be an integer >= 1")
     check_workers(workers)
     storage_url = check_storage_url(storage_url or default_storage_url(spec.name))
-    checkpoint_root = spec.base_config.checkpoint_dir or str(Path.cwd().resolve() / STUDIES_DIR / spec.name)
+    # absolute, so that a trial's recorded checkpoint names the same file from any folder (study export)
+    checkpoint_root = str(Path(spec.base_config.checkpoint_dir or Path.cwd() / STUDIES_DIR / spec.name).resolve())
     writable_folder("checkpoint_dir", checkpoint_root)
     return StudyJob(spec, storage_url, resolve_tracking_uri(tracking_uri), checkpoint_root, heartbeat_interval,
                     workers, new_spec_version)

@@ -135,8 +135,8 @@ def export_trials(study: optuna.Study, fmt: str) -> str:
     """Every trial in one of the report formats (md, csv, html, ...): number, state, objective values,
     parameters (``params_*``), start and end times (ISO 8601), duration in seconds and the trial's own
     attributes (``user_attrs_*``); Optuna's internal ``system_attrs`` are left out. A checkpoint that is not
-    there (removed by the spec's ``keep_checkpoints``, or not on this machine) reads empty: the export points at
-    no file that is gone."""
+    there (removed by the spec's ``keep_checkpoints``, or on another machine's disk) reads empty: the export
+    points at no file that is gone. Trials record absolute paths (``job.make_job``)."""
     from ..report import export_table
 
     table = study.trials_dataframe(attrs=("number", "state", "value", "datetime_start", "datetime_complete",
