@@ -57,10 +57,10 @@ def cli_run(tmp_path_factory, data_dir):
     completed = run_cli("train", *TRAIN_ARGS, "--epochs", "2", "--seed", "3", "--target-accuracy", "0.5",
                         "--experiment", "cli-test", "--data-dir", str(data_dir), "--json", cwd=project,
                         env={"MLFLOW_TRACKING_URI": ""}, check=True)
-    summary = json.loads(completed.stdout.strip().splitlines()[-1])
+    summary = json.loads(completed.stdout)  # --json: the JSON alone on stdout, the text lines on stderr
     uri = sqlite_uri(project)
     return {"summary": summary, "uri": uri, "project": project, "client": MlflowClient(uri),
-            "run": MlflowClient(uri).get_run(summary["mlflow_run_id"]), "stdout": completed.stdout}
+            "run": MlflowClient(uri).get_run(summary["mlflow_run_id"]), "stderr": completed.stderr}
 
 
 def test_default_store_is_sqlite_inside_mlruns_and_the_env_overrides_it(tmp_path, monkeypatch):
@@ -86,7 +86,7 @@ def test_experiments_keep_their_artifacts_beside_the_sqlite_file(store):
 def test_a_cli_run_logs_every_param_and_tag(cli_run, data_dir):
     run = cli_run["run"]
     assert run.info.status == "FINISHED" and run.data.tags["status"] == "completed"
-    assert f"mlflow run      {run.info.run_id} in experiment 'cli-test'" in cli_run["stdout"]
+    assert f"mlflow run      {run.info.run_id} in experiment 'cli-test'" in cli_run["stderr"]
     assert run.info.artifact_uri.startswith((cli_run["project"] / "mlruns" / "artifacts").as_uri())
     expected_params = (set(field_names()) - {"model_kwargs"}) | {"model_kwargs.hidden_size"}
     assert set(run.data.params) == expected_params
