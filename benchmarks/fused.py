@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from sweepbench import devices
 from sweepbench.config import RunConfig
 from sweepbench.engine import device_name, resolve_device, train, train_fused
 from sweepbench.hardware import synchronize
@@ -84,10 +85,8 @@ def warm_up(recipe: dict, args: argparse.Namespace) -> None:
 
 
 def cpu_flags() -> str:
-    """The CPU features that move these figures most (AVX-512, AMX), from /proc/cpuinfo."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    """The CPU features that move these figures most (AVX-512, AMX), as this CPU has them."""
+    flags = devices.cpu_flags()
     return " ".join(flag for flag in CPU_FLAGS if flag in flags) or f"none of {' '.join(CPU_FLAGS)}"
 
 

@@ -147,16 +147,14 @@ def _cell(name: str, config: RunConfig, precision: str, loader: str, compiled: b
     """A grid point; one whose settings cannot train together is a refused cell, which the table shows as
     skipped, with the refusal, instead of refusing the whole grid."""
     device, dtype = precision.split("/")
+    cell_config = config.replace(device=device, precision=dtype, loader=loader, compile=compiled,
+                                 batch_size=batch_size, step=STEPS[0])  # the eager step holds any precision
     try:
         check_step_settings(step, dtype, compiled)
     except ConfigError as refusal:
-        cell_config = config.replace(device=device, precision=dtype, loader=loader, compile=compiled,
-                                     batch_size=batch_size)
         cell_config.step = step  # never trained: the params of its skipped MLflow run say what was asked
         return Cell(name, precision, loader, compiled, step, batch_size, cell_config, refused=str(refusal))
-    return Cell(name, precision, loader, compiled, step, batch_size,
-                config.replace(device=device, precision=dtype, loader=loader, compile=compiled, step=step,
-                               batch_size=batch_size))
+    return Cell(name, precision, loader, compiled, step, batch_size, cell_config.replace(step=step))
 
 
 def _check_cells(cells: list[Cell], baseline: dict[str, Any]) -> None:

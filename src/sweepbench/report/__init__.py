@@ -9,6 +9,6 @@ from .plots import (plot_accuracy_vs_time, plot_confusion_matrix, plot_learning_
 from .runs import RUN_STATUSES, load_runs, run_values
 
 __all__ = ["DEFAULT_METRICS", "EXPORT_FORMATS", "RUN_STATUSES", "SPREADS", "Comparison", "add_comparisons",
-           "compact_view", "compare_runs", "export_table", "format_for_path", "html_page", "is_duration", "is_throughput",
-           "load_runs", "parse_baseline", "plot_accuracy_vs_time", "plot_confusion_matrix",
+           "compact_view", "compare_runs", "export_table", "format_for_path", "html_page", "is_duration",
+           "is_throughput", "load_runs", "parse_baseline", "plot_accuracy_vs_time", "plot_confusion_matrix",
            "plot_learning_curve", "plot_speedups", "run_values", "write_plots"]

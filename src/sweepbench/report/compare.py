@@ -8,8 +8,8 @@ mean over the group's runs, and speed-ups against a baseline group. Three rules 
   it and a note names it. Other settings that differ within a row (learning rates across study trials, say)
   are named in a note: the medians pool those runs.
 - **A stated baseline.** The user names it, or the default rule picks ``device=cpu``, ``precision=fp32``,
-  ``loader=torchvision``, ``compile=False``, ``step=eager`` for the keys that vary; the choice is printed. Each row is compared
-  with the baseline row that shares its other keys.
+  ``loader=torchvision``, ``compile=False``, ``step=eager`` for the keys that vary; the choice is printed. Each
+  row is compared with the baseline row that shares its other keys.
 - **No silent gaps.** A row without a baseline row gets no speed-up, and a note names it.
 """
 

@@ -75,7 +75,8 @@ def html_page(table: pd.DataFrame, title: str = "sweepbench comparison", notes: 
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{HTML_STYLE}</style></head>\n<body><h1>{html.escape(title)}</h1>\n"
             + (f'<ul class="notes">{note_items}</ul>\n' if notes else "")
-            + f'<div class="scroll"><table>\n<thead><tr>{header}</tr></thead>\n<tbody>\n{rows}\n</tbody></table></div>\n'
+            + f'<div class="scroll"><table>\n<thead><tr>{header}</tr></thead>\n<tbody>\n{rows}\n</tbody>'
+            + "</table></div>\n"
             + "".join(_embedded_image(path) for path in images) + "</body></html>")
 
 
