@@ -101,6 +101,7 @@ def check_devices(spec: StudySpec) -> None:
         check_precision(spec.base_config.precision, device_type)
 
 
+
 def useful_workers(job: StudyJob, tally: Tally) -> int:
     """``job.workers``, capped at the workers the trials left can keep busy (each reserves up to ``pack``), with
     one line when it is: more would start processes that find nothing to run."""
@@ -112,12 +113,11 @@ def useful_workers(job: StudyJob, tally: Tally) -> int:
     return useful
 
 
-def resume_line(study: optuna.Study, job: StudyJob) -> str | None:
-    """What a rerun finds in its study and queues again, in one line; None for a new study."""
-    trials = study.get_trials(deepcopy=False)
+def resume_line(trials: list[optuna.trial.FrozenTrial], tally: Tally, job: StudyJob) -> str | None:
+    """What a rerun finds in its study (``trials``, ``tally`` of them) and queues again, in one line; None for a
+    new study."""
     if not trials:
         return None
-    tally = Tally.of(trials)
     states = [trial.state for trial in trials]
     queued = [trial for trial in trials if trial.state == optuna.trial.TrialState.WAITING]
     again = [f"trial {trial.system_attrs[RETRY_HISTORY][-1]} as {trial.number}" for trial in queued
@@ -146,8 +146,9 @@ def run_study(job: StudyJob) -> StudyOutcome:
     if adopted != job:
         job, storage = adopted, open_storage(adopted)
         study = load_study(job, storage)
-    tally = Tally.of(study.get_trials(deepcopy=False))
-    resuming = resume_line(study, job)
+    trials = study.get_trials(deepcopy=False)
+    tally = Tally.of(trials)
+    resuming = resume_line(trials, tally, job)
     if resuming:
         log.info(resuming)
     job = dataclasses.replace(job, spec_version=identity.version_of(study, job.spec),
