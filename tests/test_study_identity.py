@@ -360,6 +360,8 @@ def test_workers_beyond_the_trials_left_are_not_started(tmp_path: Path) -> None:
     ({"train": {**BASE["train"], "precision": "tf32"}}, r"precision: 'tf32' needs device cuda, got cpu; on cpu use "
                                                         r"fp32, bf16"),
     ({"train": {**BASE["train"], "device": "mps"}}, r"device: 'mps' requested but not available on this machine"),
+    ({"train": {**BASE["train"], "step": "graph"}}, r"step: 'graph' needs device cuda, got cpu; on cpu use eager, "
+                                                    r"compiled"),
 ])
 def test_a_fixed_device_or_precision_that_cannot_run_here_is_refused_before_the_study_exists(
         change: dict, message: str, tmp_path: Path) -> None:

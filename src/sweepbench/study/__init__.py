@@ -22,6 +22,7 @@ from ..devices import resolve_device
 from ..models import check_config
 from ..precisions import check_precision
 from ..status import MlflowStatus
+from ..steps import check_step_device
 from ..tracking import Store
 from . import identity
 from .coordination import Tally, _run_workers, configure_logging, load_study, worker_seed
@@ -90,16 +91,18 @@ def check_inputs(job: StudyJob) -> None:
 
 
 def check_devices(spec: StudySpec) -> None:
-    """The study's fixed device is here and its fixed precision runs on it: else every trial would fail on it
-    (the refusals are the engine's, ``devices.resolve_device`` and ``precisions.check_precision``). A searched
-    device or precision is left to the trials: one that draws a value that cannot run here fails alone."""
+    """The study's fixed device is here and its fixed precision and step run on it: else every trial would fail
+    on it (the refusals are the engine's: ``devices.resolve_device``, ``precisions.check_precision``,
+    ``steps.check_step_device``). A searched one is left to the trials: one that draws a value that cannot run
+    here fails alone."""
     searched = {param.name for param in spec.search}
     if "device" in searched:
         return
     device_type = resolve_device(spec.base_config.device).type
     if "precision" not in searched:
         check_precision(spec.base_config.precision, device_type)
-
+    if "step" not in searched:
+        check_step_device(spec.base_config.step, device_type)
 
 
 def useful_workers(job: StudyJob, tally: Tally) -> int:
