@@ -7,8 +7,11 @@ batch size, with its first optimizer and lr_gamma; members differ in seed and in
 the study's log scale spreads it). A run's time is its whole ``train`` call: training, validation, test. A short
 untimed fused and solo run first keeps data loading and warm-up out of the figures; CUDA is synchronised around
 each timed call. The median of ``--repeats`` rounds is reported (solo and fused alternate within a round).
+``--step`` trains solo runs and packs alike with that step (``compiled``, ``graph`` on CUDA); the warm-up builds
+it once, and each timed run's own build (its ``compile_seconds``) is part of its time.
 
     .venv/bin/python benchmarks/fused.py --device cpu --k 4,8,16 [--epochs 1] [--train-subset N] [--repeats 3]
+                                         [--step eager]
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from sweepbench import devices
 from sweepbench.config import RunConfig
 from sweepbench.engine import device_name, resolve_device, train, train_fused
 from sweepbench.hardware import synchronize
+from sweepbench.steps import step_choices
 from sweepbench.study.spec import load_spec
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +60,7 @@ def member_configs(recipe: dict, k: int, lr_range: tuple[float, float] | None,
             low, high = lr_range
             lr = low * (high / low) ** (seed / max(k - 1, 1))
         configs.append(RunConfig(**{**recipe, "lr": lr}, seed=seed, epochs=args.epochs, device=args.device,
-                                 data_dir=args.data_dir, train_subset=args.train_subset))
+                                 data_dir=args.data_dir, train_subset=args.train_subset, step=args.step))
     return configs
 
 
@@ -105,6 +109,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(PROJECT_ROOT.parent / "shared" / "data"))
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--study", default=str(QUICK_STUDY), help="the study spec of the 'study' recipe")
+    parser.add_argument("--step", default="eager", choices=step_choices(), help="the training step of every run")
     args = parser.parse_args()
     device = resolve_device(args.device)
     study, lr_range = study_recipe(Path(args.study))
@@ -113,7 +118,7 @@ def main() -> None:
     print(f"seed: hidden {SEED_RECIPE['model_kwargs']['hidden_size']}, batch {SEED_RECIPE['batch_size']}, adadelta "
           f"lr 1.0; study: hidden {study['model_kwargs']['hidden_size']}, batch {study['batch_size']}, "
           f"{study['optimizer']} lr {lr_range[0]:g}..{lr_range[1]:g}; {args.epochs} epoch(s), "
-          f"train_subset {args.train_subset or 'all'}, median of {args.repeats}")
+          f"train_subset {args.train_subset or 'all'}, step {args.step}, median of {args.repeats}")
     warm_up(SEED_RECIPE, args)
     print(f"{'recipe':8} {'K':>3} {'solo runs/min':>14} {'fused runs/min':>15} {'ratio':>6}")
     for name, (recipe, spread) in recipes.items():

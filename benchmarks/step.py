@@ -2,13 +2,15 @@
 device's compute limit? (Issue 18.)
 
 Each round trains each recipe once per step (``eager``, ``compiled``; ``graph`` too with ``--device cuda``),
-the order alternating between rounds; the first epoch of every run is left out. A compiled or captured run's
+the order alternating between rounds; the first epoch of every run is left out. With ``--pack K`` each run is a
+fused pack of K members (seeds 0..K-1) and an epoch trains all K. A compiled or captured run's
 ``compile_seconds`` (built before its first epoch) is reported apart: the first compiled run of the process starts
 with an empty inductor cache (a temporary ``TORCHINDUCTOR_CACHE_DIR``), so its figure is the cold compile cost;
 later runs find their kernels in that cache. Achieved GFLOP/s is the epoch's forward and backward FLOPs (counted
 by ``torch.utils.flop_counter`` on one batch) over the median epoch.
 
     .venv/bin/python benchmarks/step.py [--rounds 5] [--epochs 3] [--device cpu] [--recipes seed,cifar_cnn]
+                                        [--pack K]
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from fused import SEED_RECIPE, hardware_line  # noqa: E402
 
 from sweepbench.config import RunConfig  # noqa: E402
 from sweepbench.data import load_dataset  # noqa: E402
-from sweepbench.engine import resolve_device, train  # noqa: E402
+from sweepbench.engine import RunResult, resolve_device, train, train_fused  # noqa: E402
 from sweepbench.models import create_model  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +55,13 @@ def epoch_flops(config: RunConfig) -> float:
     return counter.get_total_flops() * train_size / config.batch_size
 
 
+def run(config: RunConfig, pack: int) -> RunResult:
+    """One run of ``config``, or its first member's result of a pack of ``pack`` seeds (the pack's epochs)."""
+    if pack <= 1:
+        return train(config)
+    return train_fused([config.replace(seed=seed) for seed in range(pack)])[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
@@ -61,11 +70,13 @@ def main() -> None:
     parser.add_argument("--recipes", default="seed,cifar_cnn")
     parser.add_argument("--train-subset", type=int, help="train on the first N images (default: all)")
     parser.add_argument("--data-dir", default=str(PROJECT_ROOT.parent / "shared" / "data"))
+    parser.add_argument("--pack", type=int, default=1, help="train each run as a fused pack of K seeds")
     args = parser.parse_args()
     device = resolve_device(args.device)
     steps = ["eager", "compiled", *(["graph"] if device.type == "cuda" else [])]
     print(hardware_line(device))
-    print(f"{args.epochs} epochs per run (first left out), {args.rounds} rounds, interleaved")
+    packed = f", each run a fused pack of {args.pack}" if args.pack > 1 else ""
+    print(f"{args.epochs} epochs per run (first left out), {args.rounds} rounds, interleaved{packed}")
     for recipe in args.recipes.split(","):
         base = RunConfig(**RECIPES[recipe], epochs=args.epochs, device=args.device, data_dir=args.data_dir,
                          train_subset=args.train_subset)
@@ -73,10 +84,10 @@ def main() -> None:
         compile_seconds: dict[str, list[float]] = {step: [] for step in steps}
         for round_number in range(args.rounds):
             for step in steps if round_number % 2 == 0 else reversed(steps):
-                result = train(base.replace(step=step))
+                result = run(base.replace(step=step), args.pack)
                 seconds[step] += [record.epoch_seconds for record in result.history[1:]]
                 compile_seconds[step].append(result.compile_seconds)
-        flops = epoch_flops(base)
+        flops = epoch_flops(base) * args.pack
         print(f"\n{recipe}: {RECIPES[recipe]}; {flops / 1e9:.1f} GFLOP per epoch (forward + backward)")
         eager = statistics.median(seconds["eager"])
         for step in steps:

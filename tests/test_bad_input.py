@@ -90,8 +90,6 @@ TRAIN_CASES = {  # name: (train arguments, what the one line says)
                                 r"step: 'compiled' cannot train precision 'fp16': its GradScaler skips a step"),
     "compiled step with compile": (["--step", "compiled", "--compile"],
                                    r"step: 'compiled' compiles the whole step already, and compile = true would"),
-    "seeds with compiled step": (["--seeds", "0,1", "--step", "compiled"],
-                                 r"step: member 0 has 'compiled'; fused training runs its vmapped step eagerly"),
 }
 DATA_CASES = {  # name: (how to spoil the file, what the one line says)
     "truncated npz": (lambda folder: (folder.mkdir(parents=True), (folder / "mnist.npz").write_bytes(

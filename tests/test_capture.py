@@ -12,7 +12,7 @@ import torch
 from mlflow import MlflowClient
 
 from sweepbench.config import OPTIMIZERS, RunConfig
-from sweepbench.engine import RunResult, train
+from sweepbench.engine import Callback, RunResult, StopTraining, train, train_fused
 from sweepbench.engine.checkpoint import load_checkpoint
 from sweepbench.status import RunStatus
 from sweepbench.tracking import MlflowLogger
@@ -27,8 +27,11 @@ OPTIMIZER_SETTINGS = {"sgd": dict(lr=0.05, momentum=0.9, nesterov=True), "adam":
 # resumed): fp32 losses agree to 1e-5, weights to 7e-4 (Adam's update of a weight whose gradient is near zero,
 # about the sign of that gradient, magnifies rounding). bf16 losses to 4e-3, weights to 1.2e-2 (Adadelta, lr 1.0):
 # the compiled kernels round bfloat16 activations at other places; bf16 against fp32, both eager, differ by 4e-2.
+# A bf16 pack's weights are compared by each tensor's relative norm: RMSprop (lr 1e-3) magnifies bf16 rounding
+# into some weights, 11% of the norm apart compiled against eager, 19% between the eager pack and its solo runs.
 TOLERANCE = {"fp32": dict(weights=dict(rtol=1e-3, atol=1.5e-3), loss=1e-4, accuracy=0.002),
-             "bf16": dict(weights=dict(rtol=5e-2, atol=2.5e-2), loss=1e-2, accuracy=0.005)}
+             "bf16": dict(weights=dict(rtol=5e-2, atol=2.5e-2), loss=1e-2, accuracy=0.005),
+             "bf16 pack": dict(weights_norm=0.15, loss=1e-2, accuracy=0.01)}
 
 
 def config(optimizer: str, precision: str, dropout: float, step: str, device: str = "cpu", **changes) -> RunConfig:
@@ -37,11 +40,17 @@ def config(optimizer: str, precision: str, dropout: float, step: str, device: st
                      **{**SMALL, **changes})
 
 
-def assert_same_run(captured: RunResult, eager: RunResult, precision: str) -> None:
-    assert captured.status == eager.status == RunStatus.COMPLETED, captured.message
+def assert_same_run(captured: RunResult, eager: RunResult, precision: str,
+                    status: RunStatus = RunStatus.COMPLETED) -> None:
+    """``precision`` names the TOLERANCE."""
+    assert captured.status == eager.status == status, captured.message
     tolerance = TOLERANCE[precision]
     for name, weights in eager.model.state_dict().items():
-        torch.testing.assert_close(captured.model.state_dict()[name], weights, **tolerance["weights"], msg=name)
+        ours = captured.model.state_dict()[name]
+        if "weights_norm" in tolerance:
+            assert (ours - weights).norm() <= tolerance["weights_norm"] * weights.norm(), name
+        else:
+            torch.testing.assert_close(ours, weights, **tolerance["weights"], msg=name)
     for ours, theirs in zip(captured.history, eager.history, strict=True):
         assert ours.lr == pytest.approx(theirs.lr, rel=1e-6)
         assert ours.train_loss == pytest.approx(theirs.train_loss, rel=tolerance["loss"])
@@ -85,6 +94,46 @@ def test_compile_seconds_are_logged_apart_from_the_epochs(tmp_path: Path) -> Non
     assert run.data.metrics["compile_seconds"] == pytest.approx(result.compile_seconds)
     assert run.data.metrics["train_seconds"] == pytest.approx(sum(r.epoch_seconds for r in result.history))
     assert result.wall_seconds > result.compile_seconds + result.train_seconds
+
+
+def pack(precision: str, dropout: float, step: str, device: str = "cpu") -> list[RunConfig]:
+    """A pack of every optimizer, each with its own seed, learning rate and schedule."""
+    return [config(optimizer, precision, dropout, step, device, seed=seed, lr_gamma=0.6 + 0.05 * seed)
+            for seed, optimizer in enumerate(OPTIMIZERS)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision, dropout", [("fp32", 0.2), ("bf16", 0.0)])
+def test_a_compiled_pack_trains_each_member_as_the_eager_pack_does(precision: str, dropout: float) -> None:
+    """One compiled call a batch for the whole pack: every member ends where the eager pack's (itself its solo
+    run's, test_fused) ends; one ended member's rows stay put while the others train on."""
+    members = pack(precision, dropout, "eager")
+    eager = train_fused(members, pruning_the_second(members))
+    compiled = train_fused([member.replace(step="compiled") for member in members], pruning_the_second(members))
+    tolerance = precision if precision == "fp32" else f"{precision} pack"
+    for index, (ours, theirs) in enumerate(zip(compiled, eager, strict=True)):
+        assert_same_run(ours, theirs, tolerance, RunStatus.PRUNED if index == 1 else RunStatus.COMPLETED)
+        assert ours.compile_seconds > 0 and ours.compile_seconds == compiled[0].compile_seconds
+        assert theirs.compile_seconds == 0
+    assert len(compiled[1].history) == 1
+
+
+class PruneAfterFirstEpoch(Callback):
+    def on_epoch_end(self, context, record) -> None:
+        raise StopTraining("pruned by test", status="pruned")
+
+
+def pruning_the_second(members: list[RunConfig]) -> list[list[Callback]]:
+    return [[PruneAfterFirstEpoch()] if index == 1 else [] for index in range(len(members))]
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("step", ["compiled", "graph"])
+def test_on_cuda_a_compiled_or_graph_pack_trains_each_member_as_the_eager_pack_does(step: str) -> None:
+    eager = train_fused(pack("fp32", 0.2, "eager", device="cuda"))
+    for ours, theirs in zip(train_fused(pack("fp32", 0.2, step, device="cuda")), eager, strict=True):
+        assert_same_run(ours, theirs, "fp32")
 
 
 @pytest.mark.cuda

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +34,21 @@ GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before a capture, as torc
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+class Functional(Protocol):
+    """What a captured step compiles or captures: ``__call__(*inputs(images, labels))`` is one optimizer step on
+    a batch as one traceable function, returning the detached loss (one per member) on the device. ``inputs``
+    runs eagerly before it (what cannot be traced: a pack's dropout masks drawn from its members' generators);
+    ``snapshot()`` saves all the step changes, to be put back with ``restore()``."""
+
+    device: torch.device
+
+    def inputs(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor: ...
+    def snapshot(self) -> Any: ...
+
+
 class FunctionalStep:
-    """``__call__(images, labels)``: one optimizer step of ``module`` on a batch, as one traceable function;
-    returns the loss, detached, on the device."""
+    """A solo run's step as a ``Functional``: one optimizer step of ``module`` on a batch."""
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, precision: str,
                  capturable: bool) -> None:
@@ -54,6 +66,12 @@ class FunctionalStep:
                 group["capturable"] = True  # steps and learning rate on the device, no host sync to capture
         if capturable:  # a fused update (SGD, Adam, AdamW on CUDA) takes the tensor learning rate as it is
             _steps_to_device(optimizer, device)
+
+    def inputs(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return images, labels
+
+    def snapshot(self) -> "_Snapshot":
+        return _Snapshot(self.module, self.optimizer, self.device)
 
     def loss(self, parameters: tuple[torch.Tensor, ...], images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.precision):
@@ -116,20 +134,26 @@ _DEVICE_RNG: dict[str, tuple[Callable, Callable]] = {  # device type -> (get, se
 }
 
 
+def batch_size(labels: torch.Tensor) -> int:
+    """Samples per member in a batch: labels are [B] (a solo run) or [K, B] (a pack)."""
+    return labels.shape[-1]
+
+
 def warmup_batches(first: Batch, partial: int) -> list[Batch]:
     """The ``first`` batch of an epoch and, where an epoch ends on a partial one of ``partial`` samples, that
-    shape too: every shape the step will see."""
+    shape too: every shape the step will see. The batch axis is the labels' last (a pack's are [K, B])."""
     images, labels = first
     shapes = [(images, labels)]
-    if partial and partial != len(labels):
-        shapes.append((images[:partial].contiguous(), labels[:partial].contiguous()))
+    axis = labels.dim() - 1
+    if partial and partial != batch_size(labels):
+        shapes.append((images.narrow(axis, 0, partial).contiguous(), labels.narrow(axis, 0, partial).contiguous()))
     return shapes
 
 
 class _Captured:
     """What the compiled and the graph step share: ``prepare`` around a snapshot, the prepared shapes."""
 
-    def __init__(self, functional: FunctionalStep) -> None:
+    def __init__(self, functional: Functional) -> None:
         self.functional = functional
         self.prepared: list[int] = []
 
@@ -138,11 +162,11 @@ class _Captured:
         (whatever happens); returns the seconds it took."""
         functional = self.functional
         started = time.perf_counter()
-        snapshot = _Snapshot(functional.module, functional.optimizer, functional.device)
+        snapshot = functional.snapshot()
         try:
             shapes = draw()
             self.build(shapes)
-            self.prepared = [len(labels) for _, labels in shapes]
+            self.prepared = [batch_size(labels) for _, labels in shapes]
         finally:
             snapshot.restore()
         synchronize(functional.device)
@@ -166,7 +190,7 @@ class CompiledStep(_Captured):
         self.compiled = torch.compile(self.functional, fullgraph=True, dynamic=False)
         with torch._inductor.config.patch(fallback_random=True):  # dropout draws as the eager step draws
             for images, labels in [shapes[0], *shapes]:
-                self.compiled(images, labels)
+                self.compiled(*self.functional.inputs(images, labels))
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Only the guards that tell the shapes' graphs apart are checked (the others cost 85 us a step, a sixth
@@ -174,10 +198,11 @@ class CompiledStep(_Captured):
         mode (``SoloStep.batches`` sets it before each epoch), grad mode, autocast, the optimizer's
         hyperparameters other than the learning rate (a tensor, its value no guard; ``restore_checkpoint``
         applies the run's own before ``prepare``). A change to one of them would go unseen, not recompile."""
-        if len(labels) not in self.prepared:
-            raise self.not_prepared(len(labels))
+        if batch_size(labels) not in self.prepared:
+            raise self.not_prepared(batch_size(labels))
+        inputs = self.functional.inputs(images, labels)
         with torch.compiler.set_stance("fail_on_recompile", skip_guard_eval_unsafe=True):
-            return self.compiled(images, labels)
+            return self.compiled(*inputs)
 
 
 class GraphStep(_Captured):
@@ -192,33 +217,30 @@ class GraphStep(_Captured):
         with torch.cuda.stream(side):
             for _ in range(GRAPH_WARMUP_STEPS):
                 for images, labels in shapes:
-                    functional(images, labels)
+                    functional(*functional.inputs(images, labels))
         torch.cuda.current_stream(device).wait_stream(side)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
         pool = None
         for images, labels in shapes:
-            static_images, static_labels = images.clone(), labels.clone()
+            static_inputs = tuple(tensor.clone() for tensor in functional.inputs(images, labels))
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                static_loss = functional(static_images, static_labels)
+                static_loss = functional(*static_inputs)
             pool = graph.pool()
-            self.graphs[len(labels)] = (graph, static_images, static_labels, static_loss)
+            self.graphs[batch_size(labels)] = (graph, static_inputs, static_loss)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if len(labels) not in self.graphs:
-            raise self.not_prepared(len(labels))
-        graph, static_images, static_labels, static_loss = self.graphs[len(labels)]
-        static_images.copy_(images)
-        static_labels.copy_(labels)
+        if batch_size(labels) not in self.graphs:
+            raise self.not_prepared(batch_size(labels))
+        graph, static_inputs, static_loss = self.graphs[batch_size(labels)]
+        for static, given in zip(static_inputs, self.functional.inputs(images, labels), strict=True):
+            static.copy_(given)
         graph.replay()
         return static_loss.clone()  # the next replay overwrites it
 
 
-def captured_step(kind: str, module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-                  precision: str) -> CompiledStep | GraphStep:
-    """The ``step`` setting's captured step (``steps.py`` has refused what it cannot hold) of ``module``, whose
-    parameters are views into the contiguous buffers ``optimizer`` updates."""
-    functional = FunctionalStep(module, optimizer, device, precision, capturable=kind == "graph")
+def captured_step(kind: str, functional: Functional) -> CompiledStep | GraphStep:
+    """The ``step`` setting's captured step (``steps.py`` has refused what it cannot hold) of ``functional``."""
     return GraphStep(functional) if kind == "graph" else CompiledStep(functional)
 
 

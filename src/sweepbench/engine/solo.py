@@ -16,7 +16,7 @@ from ..hardware import autocast
 from ..models import check_config, create_model
 from ..precisions import uses_grad_scaler
 from ..steps import STEPS
-from .capture import captured_step, plain_optimizer_state, warmup_batches
+from .capture import FunctionalStep, captured_step, plain_optimizer_state, warmup_batches
 from .checkpoint import load_resume, restore_checkpoint
 from .loaders import DeviceLoader, TorchvisionLoader
 from .optimizer import build_optimizer, contiguous_parameters, zero_gradients
@@ -68,8 +68,11 @@ class SoloStep:
         loader_class = DeviceLoader if config.loader == "device" else TorchvisionLoader
         self.loader = loader_class(x_train, y_train, dataset, config, device)
         self.resumed_history = restore_checkpoint(self, resumed) if resumed is not None else []
-        self.captured = (captured_step(config.step, self.module, self.optimizer, device, config.precision)
-                         if STEPS.get(config.step).captured else None)
+        self.captured = None
+        if STEPS.get(config.step).captured:
+            functional = FunctionalStep(self.module, self.optimizer, device, config.precision,
+                                        capturable=config.step == "graph")
+            self.captured = captured_step(config.step, functional)
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -41,6 +41,7 @@ class StackedOptimizer:
                  device: torch.device) -> None:
         self.kind, self.configs, self.rows, self.device = kind, list(configs), rows, device
         self.steps = 0
+        self.step_count: torch.Tensor | None = None  # the steps as a device scalar, in a captured step
         self.weight_decay = self._column([c.weight_decay for c in configs], skip_if_zero=True)
         self.momentum = self._column([c.momentum for c in configs], skip_if_zero=True) \
             if kind in MOMENTUM_OPTIMIZERS else None
@@ -57,15 +58,39 @@ class StackedOptimizer:
         return torch.tensor(values, dtype=torch.float32, device=self.device).unsqueeze(1)
 
     def set_lr(self, lrs: Sequence[float]) -> None:
-        """This epoch's learning rates, one per member (each member's StepLR schedule is kept by the caller)."""
-        self.neg_lr = self._column([-lr for lr in lrs], skip_if_zero=False)
+        """This epoch's learning rates, one per member (each member's StepLR schedule is kept by the caller),
+        written into the columns in place: a captured step reads them where it was built."""
+        self._set("neg_lr", self._column([-lr for lr in lrs], skip_if_zero=False))
         if self.kind == "adamw" and self.weight_decay is not None:  # 1 - lr * wd in float64, as the fused kernel
-            self.decay = self._column([1 - lr * c.weight_decay for lr, c in zip(lrs, self.configs)], False)
+            self._set("decay", self._column([1 - lr * c.weight_decay for lr, c in zip(lrs, self.configs)], False))
+
+    def _set(self, name: str, column: torch.Tensor) -> None:
+        if hasattr(self, name):
+            getattr(self, name).copy_(column)
+        else:
+            setattr(self, name, column)
+
+    def count_on_device(self) -> None:
+        """Counts steps in a device scalar from now on (a captured step: a Python count would be a constant of
+        the compiled graph). Its bias corrections are then float32 tensors, as torch.optim's capturable Adam's."""
+        self.step_count = torch.tensor(float(self.steps), device=self.device)
+
+    def steps_done(self) -> int:
+        return self.steps if self.step_count is None else int(self.step_count.item())
+
+    def bias_corrections(self, beta1: float, beta2: float) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+        """Adam's ``1 - beta1 ** t`` and ``sqrt(1 - beta2 ** t)`` after t steps."""
+        if self.step_count is None:
+            return 1 - beta1 ** self.steps, math.sqrt(1 - beta2 ** self.steps)
+        return 1 - beta1 ** self.step_count, (1 - beta2 ** self.step_count).sqrt()
 
     @torch.no_grad()
     def step(self, params: torch.Tensor, grads: torch.Tensor) -> None:
         """Updates rows ``self.rows`` of the [K, P] ``params`` in place from ``grads``."""
-        self.steps += 1
+        if self.step_count is None:
+            self.steps += 1
+        else:
+            self.step_count.add_(1)
         UPDATES[self.kind](self, params[self.rows], grads[self.rows])
 
     def member_state(self, position: int) -> dict[str, torch.Tensor]:
@@ -74,7 +99,7 @@ class StackedOptimizer:
         (in the stack's layout)."""
         state: dict[str, torch.Tensor] = {}
         if self.kind in COUNTS_STEPS:
-            state["step"] = torch.tensor(float(self.steps))
+            state["step"] = torch.tensor(float(self.steps_done()))
         config = self.configs[position]
         for name, rows in self.state.items():
             if name != "momentum_buffer" or config.momentum > 0:
@@ -105,8 +130,9 @@ def _adam(opt: StackedOptimizer, param: torch.Tensor, grad: torch.Tensor, decoup
     exp_avg, exp_avg_sq = opt.state["exp_avg"], opt.state["exp_avg_sq"]
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denominator = exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2 ** opt.steps)).add_(ADAM_EPS)
-    param.addcmul_(exp_avg.div(denominator), opt.neg_lr / (1 - beta1 ** opt.steps))
+    correction1, root_correction2 = opt.bias_corrections(beta1, beta2)
+    denominator = exp_avg_sq.sqrt().div_(root_correction2).add_(ADAM_EPS)
+    param.addcmul_(exp_avg.div(denominator), opt.neg_lr / correction1)
 
 
 def _adamw(opt: StackedOptimizer, param: torch.Tensor, grad: torch.Tensor) -> None:

@@ -37,8 +37,6 @@ PACK_RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "resume": (bool, "no resume", "a fused run starts every member anew; resume a member's checkpoint with "
                                   "engine.train"),
     "compile": (bool, "compile = False", "fused training runs its vmapped model eagerly; use compile false"),
-    "step": (lambda step: step != "eager", "step = 'eager'",
-             "fused training runs its vmapped step eagerly; use step 'eager'"),
     "loader": (lambda loader: loader != "device", "loader = 'device'",
                "fused training batches on the device; use loader 'device'"),
     "precision": (uses_grad_scaler, f"precision other than {' or '.join(map(repr, SCALED))}",

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
 from ...config import ConfigError, RunConfig
+from ...hardware import autocast
 from ...models import create_model
 from .masks import DropoutMasks, replace_dropout
 
@@ -113,11 +115,17 @@ class StackedModel:
     def _member_forward(self, params: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
         return functional_call(self.base, params, (images,))
 
-    def train_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """[K, B, classes] from [K, B, *image]: every member's training forward pass on its own batch."""
-        self.base.train()
-        params = {**self.params, **self.dropout.draw(images.shape[1])}
-        return vmap(self._member_forward)(params, images)
+    def train_losses(self, images: torch.Tensor, labels: torch.Tensor, precision: str,
+                     flat: torch.Tensor | None = None, masks: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """[K] mean losses: every member's training forward pass on its own batch ([K, B, *image], [K, B]) with
+        the parameters of ``flat`` (default: the stack's leaves) and the dropout ``masks`` given (default: drawn
+        now). ``PackStep.batches`` has put ``base`` in training mode."""
+        params = self.params if flat is None else self.layout.views(flat)
+        masks = self.dropout.draw(labels.shape[-1]) if masks is None else masks
+        with autocast(self.flat.device, precision):
+            logits = vmap(self._member_forward)({**params, **masks}, images)
+            losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+            return losses.view(labels.shape).mean(1)  # one mean loss per member: summed, one backward
 
     def eval_logits(self, params: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
         """[k, B, classes] from [B, *image]: the members whose stacked ``params`` are given, on the same batch."""

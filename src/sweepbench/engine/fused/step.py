@@ -16,19 +16,20 @@ import warnings
 from typing import Any, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...config import RunConfig
 from ...data import Dataset
-from ...hardware import autocast
 from ...models import check_config
+from ...steps import STEPS
+from ..capture import captured_step, warmup_batches
 from ..callbacks import Callback
 from ..loaders import DeviceLoader
 from ..loop import run_members
 from ..optimizer import build_optimizer, contiguous_parameters
 from ..results import EpochRecord, Evaluation, RunResult
 from .batches import PackBatches
+from .capture import PackFunctional
 from .evaluate import evaluate_members
 from .optim import StackedOptimizer, optimizer_order, stacked_optimizers
 from .pack import check_pack, pack_tags
@@ -59,13 +60,21 @@ class PackStep:
                                         first.augment)
         self.lrs = [config.lr for config in self.configs]  # this epoch's, by row, as each member's StepLR has it
         self.pack_id, self.size = uuid.uuid4().hex, len(configs)
+        self.captured = None
+        if STEPS.get(first.step).captured:
+            functional = PackFunctional(self.stack, self.optimizers, device, first.precision)
+            self.captured = captured_step(first.step, functional)
 
     def __len__(self) -> int:
         return len(self.pack_batches)
 
     def prepare(self) -> float:
-        """A pack's step is eager (the pack rules refuse another)."""
-        return 0.0
+        """Compiles or captures the pack's step for the batch shapes of an epoch; 0 for the eager step."""
+        if self.captured is None:
+            return 0.0
+        self.stack.base.train()
+        partial = len(self) % self.configs[0].batch_size
+        return self.captured.prepare(lambda: warmup_batches(next(iter(self.pack_batches.batches(1))), partial))
 
     def history(self, row: int) -> list[EpochRecord]:
         return []
@@ -74,19 +83,21 @@ class PackStep:
         return pack_tags(self.pack_id, self.size, index)
 
     def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.stack.base.train()  # evaluation left it in eval mode
         return self.pack_batches.batches(epoch)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimizer step of every member on its own batch ([K, B, *image]); returns the K losses, detached."""
-        with autocast(self.device, self.precision):
-            logits = self.stack.train_logits(images)
-            losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
-            losses = losses.view(labels.shape).mean(1)  # one mean loss per member: summed, one backward
-        self.stack.backward(losses.sum())
-        for optimizer in self.optimizers:
-            optimizer.step(self.stack.flat, self.stack.flat_grad)
+        if self.captured is not None:
+            losses = self.captured(images, labels)
+        else:
+            losses = self.stack.train_losses(images, labels, self.precision)
+            self.stack.backward(losses.sum())
+            for optimizer in self.optimizers:
+                optimizer.step(self.stack.flat, self.stack.flat_grad)
+            losses = losses.detach()
         self.stack.restore_frozen()
-        return losses.detach()
+        return losses
 
     def learning_rates(self) -> list[float]:
         return list(self.lrs)
