@@ -32,7 +32,7 @@ from tests.test_study import assert_exactly, sqlite_storage, sqlite_tracking, st
 pytestmark = pytest.mark.slow
 
 PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
-MLFLOW_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}
+MLFLOW_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "FINISHED"}
 # Short budgets, so that an outage of a few seconds outlasts both MLflow's own retries and ours.
 SHORT_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "SWEEPBENCH_RETRY_SECONDS": "3"}
 
@@ -415,8 +415,10 @@ def test_a_study_keeps_the_checkpoints_its_spec_asks_for(tmp_path: Path, data_di
     study = optuna.load_study(study_name="kept", storage=sqlite_storage(tmp_path, "kept"))
     root = tmp_path / "mlruns" / "studies" / "kept"
     kept = sorted(str(path.relative_to(root)) for path in root.rglob("*.pt"))
-    expected = {"best": [f"trial-{study.best_trial.number:04d}/best.pt"], "none": [],
-                "all": [f"trial-{number:04d}/{name}" for number in range(3) for name in ("best.pt", "last.pt")]}
+    best = f"trial-{study.best_trial.number:04d}"
+    expected = {"best": [f"{best}/best.pt", f"{best}/final.pt"], "none": [],  # final.pt: the registered model's
+                "all": [f"trial-{number:04d}/{name}" for number in range(3)
+                        for name in ("best.pt", "final.pt", "last.pt")]}
     assert kept == expected[policy]
     exported = subprocess.run([sys.executable, "-m", "sweepbench.cli", "study", "export", "kept", "--storage",
                                sqlite_storage(tmp_path, "kept"), "--format", "csv"], cwd=tmp_path,

@@ -134,11 +134,26 @@ def test_summaries_only_when_asked_and_pruned_trials_with_status(store):
     assert sorted(summaries["kind"]) == ["bench", "cell", "cell", "cell", "study"]
     everything = load_runs(uri, [EXPERIMENT], status="all")
     assert set(everything["kind"]) == {"train", "trial", "repeat"}
-    killed = load_runs(uri, [EXPERIMENT], status="KILLED")
-    assert len(killed) >= 1 and set(killed["tags.status"]) == {"pruned"}, "the study pruned some trials"
+    pruned = load_runs(uri, [EXPERIMENT], status="PRUNED")
+    assert len(pruned) >= 1 and set(pruned["tags.status"]) == {"pruned"}, "the study pruned some trials"
+    assert "pruned" not in set(load_runs(uri, [EXPERIMENT])["tags.status"]), "FINISHED rows trained to the end"
     table, _ = report_json(folder, uri, "--experiment", EXPERIMENT, "--status", "all", "--group-by", "kind,status",
                            "--metrics", "val_accuracy")
-    assert set(table["kind"]) == {"train", "trial", "repeat"} and "KILLED" in set(table["status"])
+    assert set(table["kind"]) == {"train", "trial", "repeat"} and "PRUNED" in set(table["status"])
+
+
+@pytest.mark.parametrize("status, names", [
+    ("FINISHED", ["completed"]), ("PRUNED", ["pruned", "pruned before 2026-12"]), ("KILLED", ["killed"]),
+    ("all", ["completed", "killed", "pruned", "pruned before 2026-12"])])
+def test_a_pruned_run_is_pruned_to_reports_whether_finished_or_killed_as_before(tmp_path, status, names):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("statuses")
+    for name, mlflow_status, tag in [("completed", "FINISHED", "completed"), ("pruned", "FINISHED", "pruned"),
+                                     ("pruned before 2026-12", "KILLED", "pruned"), ("killed", "KILLED", "killed")]:
+        run_id = client.create_run(experiment_id, run_name=name, tags={"status": tag}).info.run_id
+        client.set_terminated(run_id, mlflow_status)
+    assert sorted(load_runs(uri, ["statuses"], status=status)["run_name"]) == names
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ from sweepbench.study.spec import load_spec
 from sweepbench.study import (RETRY_HISTORY, RUN_ID_ATTR, WORKER_ATTR, export_trials, load_study, make_job,
                               normalize_storage_url, open_existing_study, open_storage, run_study, worker_seed)
 
-MLFLOW_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
+MLFLOW_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "FINISHED", TrialState.FAIL: "FAILED"}
 
 SPEC = """
 name = "{name}"

@@ -187,15 +187,16 @@ def test_a_run_that_raises_ends_failed_with_the_error_recorded(store, data_dir):
     assert run.data.tags["error"] == "RuntimeError: disk on fire"
 
 
-def test_a_diverged_run_is_failed_and_a_pruned_one_killed(store, data_dir):
+def test_a_diverged_run_is_failed_and_a_pruned_one_finished_and_named_pruned(store, data_dir):
     diverged, pruned = MlflowLogger("statuses", store), MlflowLogger("statuses", store, log_artifacts=False)
     train(quick_config(data_dir, lr=1e6, epochs=3), [diverged])
     train(quick_config(data_dir), [RaiseAt(1, StopTraining("pruned at epoch 1", "pruned")), pruned])
     assert finished_run(store, diverged).info.status == "FAILED"
     assert finished_run(store, diverged).data.tags["error"].startswith("diverged")
     run = finished_run(store, pruned)
-    assert (run.info.status, run.data.tags["status"], run.data.tags["stop_reason"]) == ("KILLED", "pruned",
+    assert (run.info.status, run.data.tags["status"], run.data.tags["stop_reason"]) == ("FINISHED", "pruned",
                                                                                         "pruned at epoch 1")
+    assert run.info.run_name.endswith(" [pruned]")
     assert MlflowClient(store).list_artifacts(pruned.run_id) == []
 
 

@@ -44,16 +44,28 @@ class StatusMapping:
     trial_state: str | None  # the Optuna TrialState a trial that ended so is told (None: never told)
 
 
-# The one table. A diverged trial fails (its objective is undefined), a stale one is left to the trial that
-# replaces it, an interrupted one is failed and queued again by the study.
+# The one table. A pruned trial finished as its study designed it: FINISHED, its ``status`` tag (``pruned``)
+# and run name saying so; KILLED is for runs a person or a signal stopped, which MLflow's UI draws as failures.
+# A diverged trial fails (its objective is undefined), a stale one is left to the trial that replaces it, an
+# interrupted one is failed and queued again by the study.
 STATUS_TABLE: dict[RunStatus, StatusMapping] = {
     RunStatus.COMPLETED: StatusMapping(MlflowStatus.FINISHED, "COMPLETE"),
-    RunStatus.PRUNED: StatusMapping(MlflowStatus.KILLED, "PRUNED"),
+    RunStatus.PRUNED: StatusMapping(MlflowStatus.FINISHED, "PRUNED"),
     RunStatus.FAILED: StatusMapping(MlflowStatus.FAILED, "FAIL"),
     RunStatus.DIVERGED: StatusMapping(MlflowStatus.FAILED, "FAIL"),
     RunStatus.STOPPED: StatusMapping(MlflowStatus.KILLED, None),
     RunStatus.KILLED: StatusMapping(MlflowStatus.KILLED, "FAIL"),
 }
+
+
+# Reports' statuses: MLflow's, but a pruned run (FINISHED since pruning is by design; KILLED in stores written
+# before) is PRUNED, never pooled with the runs that trained to their end.
+PRUNED_REPORT_STATUS = "PRUNED"
+
+
+def report_status(mlflow: str, status_tag: str | None) -> str:
+    """A run's status as reports read it, from its MLflow status and its ``status`` tag."""
+    return PRUNED_REPORT_STATUS if status_tag == RunStatus.PRUNED else mlflow
 
 
 def mlflow_status(status: str) -> MlflowStatus:

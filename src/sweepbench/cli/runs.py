@@ -45,7 +45,7 @@ def add_report_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--experiment", action="append", help="experiment to read (repeatable; default: all)")
     parser.add_argument("--filter", default="", help="MLflow search filter, e.g. \"params.optimizer = 'sgd'\"")
     parser.add_argument("--status", default=str(MlflowStatus.FINISHED),
-                        help="FINISHED, FAILED, KILLED (pruned trials among them), RUNNING or all")
+                        help="FINISHED (trained to the end), PRUNED (pruned trials), FAILED, KILLED, RUNNING or all")
     parser.add_argument("--kind", default="train,trial,repeat",
                         help="run kinds, comma-separated: the runs that train (train, trial, repeat: the default) "
                              "and the summaries (study, bench, cell)")
@@ -121,10 +121,18 @@ def add_study_parser(commands: argparse._SubParsersAction) -> None:
     add_tracking_args(run)
     add_set_arg(run)
     run.set_defaults(handler=_study_run)
-    show = study_commands.add_parser("show", help="print the best trials and each parameter's importance")
+    show = study_commands.add_parser("show", help="print the best trials, each parameter's importance and the "
+                                                  "best model's models:/ URI")
     _add_stored_study_args(show)
     show.add_argument("--limit", type=int, default=10, help="trials to list, best first (default: 10; 0: all)")
+    add_tracking_args(show)
     show.set_defaults(handler=_study_show)
+    dashboard = study_commands.add_parser("dashboard", help="serve optuna-dashboard on the study's storage "
+                                                            "(pip install -e \".[dashboard]\")")
+    _add_stored_study_args(dashboard)
+    dashboard.add_argument("--host", default="127.0.0.1")
+    dashboard.add_argument("--port", type=int, default=8080)
+    dashboard.set_defaults(handler=_study_dashboard)
     export = study_commands.add_parser("export", help="export the trials table (study.trials_dataframe())")
     _add_stored_study_args(export)
     export.add_argument("--format", default="md", help="md, csv or html (also json, latex)")
@@ -163,10 +171,32 @@ def _study_run(args: argparse.Namespace) -> int:
 def _study_show(args: argparse.Namespace) -> int:
     from ..study import describe_importances, describe_study, open_existing_study
 
+    from ..study.registry import describe_registered_model
+    from ..tracking import Store
+
     study = open_existing_study(args.name, args.storage)
     print(describe_study(study, args.limit))
     print()
     print(describe_importances(study))
+    print(describe_registered_model(Store(args.tracking_uri), args.name))
+    return 0
+
+
+def _study_dashboard(args: argparse.Namespace) -> int:
+    """Optuna's own dashboard on the study's storage, found and checked as ``study show`` finds it."""
+    from ..study import open_existing_study
+    from ..validators import ConfigError
+
+    study = open_existing_study(args.name, args.storage)
+    try:
+        import optuna_dashboard
+    except ImportError:
+        raise ConfigError('study dashboard: optuna-dashboard is not installed; pip install -e ".[dashboard]" '
+                          '(or pip install optuna-dashboard)') from None
+    study_id = study._study_id
+    print(f"optuna-dashboard for study {args.name}: http://{args.host}:{args.port}/dashboard/studies/{study_id} "
+          f"(Ctrl-C to stop)", flush=True)
+    optuna_dashboard.run_server(study._storage, host=args.host, port=args.port)
     return 0
 
 

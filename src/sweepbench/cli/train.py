@@ -7,7 +7,7 @@ import json
 import math
 import sys
 
-from ..config import parse_overrides
+from ..config import ConfigError, parse_overrides
 from ..config import fields as config_fields
 from ..paths import writable_folder
 from ..status import RunStatus
@@ -23,6 +23,9 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print the summary as one JSON line, alone on stdout (the text summary goes to stderr)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")
+    parser.add_argument("--register", metavar="NAME",
+                        help="register the trained model in MLflow's Model Registry as a new version of NAME; the "
+                             "alias 'best' moves to it when its test accuracy beats the version it points at")
     add_data_args(parser)
     add_tracking_args(parser, default_experiment="train")
     parser.set_defaults(handler=_train)
@@ -33,6 +36,9 @@ def _train(args: argparse.Namespace) -> int:
     from ..engine.checkpoint import load_checkpoint, resume_config
 
     config, checkpoint = config_from_args(args), None
+    if args.register is not None and (args.no_mlflow or args.seeds or not args.register.strip()):
+        raise ConfigError(f"--register: {args.register!r} needs a name, MLflow logging (no --no-mlflow) and one "
+                          f"run (no --seeds)")
     if config.checkpoint_dir:
         writable_folder("--checkpoint-dir", config.checkpoint_dir)
     if args.seeds:
@@ -65,11 +71,24 @@ def _train(args: argparse.Namespace) -> int:
         print(f"sweepbench: error: the run was not logged to its end: {outage}; `sweepbench runs "
               "reconcile` ends it once the store answers", file=sys.stderr)
         return 1
+    if run_id and args.register:
+        print(_register(logger, args.register), file=human)
     if run_id:
         print(f"mlflow run      {run_id} in experiment {logger.experiment!r} at {logger.tracking_uri}", file=human)
         print(f"browse          {browse_hint(logger.tracking_uri, logger.store.experiment_id_of(run_id))}",
               file=human)
     return 0 if result.status == RunStatus.COMPLETED else 1
+
+
+def _register(logger, name: str) -> str:
+    from ..tracking.models import BEST_ALIAS, register_if_better
+
+    if logger.model_id is None:
+        return "registered model: none (the run logged no model: it did not complete)"
+    uri, moved = register_if_better(logger.store, name, logger.run_id, logger.model_id)
+    alias = f"; {BEST_ALIAS!r} moved to it: models:/{name}@{BEST_ALIAS}" if moved else \
+        f"; {BEST_ALIAS!r} stays on a version with a higher test accuracy"
+    return f"registered model {uri}{alias}"
 
 
 def _reconcile_experiment(logger) -> None:

@@ -13,11 +13,11 @@ from typing import Any, Sequence
 import pandas as pd
 
 from ..validators import ConfigError, choice, choices
-from ..status import MlflowStatus
+from ..status import PRUNED_REPORT_STATUS, MlflowStatus, RunStatus, report_status
 from ..tracking import RUN_KINDS, TRAINING_KINDS, Store, run_kind
 from ..tracking.schema import FUSED_TAG
 
-RUN_STATUSES = (*MlflowStatus, "all")
+RUN_STATUSES = (*MlflowStatus, PRUNED_REPORT_STATUS, "all")
 RUN_ATTRIBUTES = ("run_id", "run_name", "experiment", "status", "kind")
 SEARCH_PAGE_SIZE = 1000
 MISSING = "-"
@@ -37,7 +37,8 @@ def _experiment_ids(store: Store, names: Sequence[str] | None) -> dict[str, str]
 
 def _run_row(run: Any, experiments: dict[str, str]) -> dict[str, Any]:
     row = {"run_id": run.info.run_id, "run_name": run.info.run_name,
-           "experiment": experiments[run.info.experiment_id], "status": run.info.status,
+           "experiment": experiments[run.info.experiment_id],
+           "status": report_status(run.info.status, run.data.tags.get("status")),
            "kind": run_kind(run.data.tags)}
     row.update({f"params.{key}": value for key, value in run.data.params.items()})
     row.update({f"tags.{key}": value for key, value in run.data.tags.items()})
@@ -47,8 +48,9 @@ def _run_row(run: Any, experiments: dict[str, str]) -> dict[str, Any]:
 
 def load_runs(tracking_uri: str, experiments: Sequence[str] | None = None, filter_string: str = "",
               status: str = MlflowStatus.FINISHED, kinds: Sequence[str] = TRAINING_KINDS) -> pd.DataFrame:
-    """One row per run of ``kinds`` with ``status``: its attributes (``kind`` among them), ``params.*``,
-    ``tags.*`` and the latest ``metrics.*``."""
+    """One row per run of ``kinds`` with ``status`` (MLflow's, or ``PRUNED``: pruned trials, which are neither
+    FINISHED nor KILLED here): its attributes (``kind`` among them), ``params.*``, ``tags.*`` and the latest
+    ``metrics.*``."""
     from mlflow.exceptions import MlflowException
 
     choice("status", status, RUN_STATUSES)
@@ -56,7 +58,9 @@ def load_runs(tracking_uri: str, experiments: Sequence[str] | None = None, filte
     store = Store(tracking_uri)
     experiment_names = _experiment_ids(store, experiments)
     clauses = [filter_string] if filter_string else []
-    if status != "all":
+    if status == PRUNED_REPORT_STATUS:
+        clauses.append(f"tags.status = '{RunStatus.PRUNED}'")
+    elif status != "all":
         clauses.append(f"attributes.status = '{status}'")
     rows, page_token = [], None
     while True:
@@ -65,7 +69,8 @@ def load_runs(tracking_uri: str, experiments: Sequence[str] | None = None, filte
                                             max_results=SEARCH_PAGE_SIZE, page_token=page_token)
         except MlflowException as exc:
             raise ConfigError(f"filter: {filter_string!r} rejected by MLflow: {exc.message}") from exc
-        rows += [row for row in (_run_row(run, experiment_names) for run in page) if row["kind"] in kinds]
+        rows += [row for row in (_run_row(run, experiment_names) for run in page)
+                 if row["kind"] in kinds and status in ("all", row["status"])]
         page_token = page.token
         if not page_token:
             return pd.DataFrame(rows, columns=None if rows else list(RUN_ATTRIBUTES))

@@ -59,13 +59,15 @@ class StudyOutcome:
     def describe(self) -> str:
         """What ``sweepbench study run`` ends with: the comparison table, the figures, where to browse."""
         from ..tracking import Store, browse_hint
+        from .registry import describe_registered_model
 
-        experiment_id = Store(self.job.tracking_uri).experiment(self.job.spec.name)
-        ui = browse_hint(self.job.tracking_uri, experiment_id)
+        store = Store(self.job.tracking_uri)
+        ui = browse_hint(self.job.tracking_uri, store.experiment(self.job.spec.name))
         return "\n".join([
             describe_study(self.study), "",
             f"{self.reason()} in {self.wall_seconds:.0f} s ({self.trials_per_minute:.1f} finished trials/min); "
             f"MLflow parent run {self.parent_run_id} ({self.status})",
+            describe_registered_model(store, self.job.spec.name),
             f"browse the runs: {ui}",
         ])
 

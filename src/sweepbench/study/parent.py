@@ -17,14 +17,15 @@ from optuna.trial import FrozenTrial, TrialState
 from .. import engine
 from ..status import MlflowStatus, mlflow_status, status_of_trial
 from ..tracking import Store, config_params, environment_tags
-from ..tracking.store import MAX_MESSAGE_LENGTH
+from ..tracking.store import DESCRIPTION_TAG, MAX_MESSAGE_LENGTH
 from .coordination import Tally
 from .identity import FINGERPRINT_TAG, VERSION_ATTR, VERSION_TAG, fingerprint
 from .job import StudyJob, redact
 from .spec import ParamSpec, StudySpec
 from .storage import PARENT_RUN_ATTR, RUN_ID_ATTR, _quiet, storage_lock
+from .registry import register_best_model
 from .summary import best_trial, export_trials
-from .trial import apply_params, trial_tags
+from .trial import apply_params, trial_run_name, trial_tags
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def _recover_run(trial: FrozenTrial, job: StudyJob, store: Store, experiment_id:
     version, ended = trial.user_attrs.get(VERSION_ATTR), status_of_trial(trial.state.name)
     tags = {**trial_tags(job.spec, trial, version), "status": str(ended),
             RECOVERED_TAG: "rebuilt from the Optuna trial: the tracking store was unreachable while it ran"}
-    run_id = store.start_run(experiment_id, f"trial-{trial.number:04d}", "trial", tags, config_params(config),
+    run_id = store.start_run(experiment_id, trial_run_name(trial), "trial", tags, config_params(config),
                              parent_run_id)
     metric = job.spec.metric_names[0]
     for step, value in sorted(trial.intermediate_values.items()):
@@ -122,9 +123,13 @@ def _describe(param: ParamSpec) -> str:
     return f"{param.type} [{param.low:g}, {param.high:g}]{extras}"
 
 
+BEST_MODEL_TAG = "best_model_uri"
+
+
 def log_study_outcome(study: optuna.Study, job: StudyJob, store: Store, parent_run_id: str) -> None:
     """Logs the study's outcome to its parent run: trial counts, the best trial (number, params, values,
-    checkpoint), the trials table as CSV, Optuna's plots as PNG."""
+    checkpoint, its model registered: ``registry``), a description naming them, the trials table as CSV,
+    Optuna's plots as PNG."""
     trials = study.get_trials(deepcopy=False)
     counts = {f"n_{state.name.lower()}": sum(t.state == state for t in trials) for state in TrialState}
     metrics: dict[str, float] = dict(counts)
@@ -139,12 +144,30 @@ def log_study_outcome(study: optuna.Study, job: StudyJob, store: Store, parent_r
         _log_checkpoint(store, parent_run_id, best, tags)
     if len(study.directions) > 1:
         tags["pareto_trial_numbers"] = ",".join(str(trial.number) for trial in study.best_trials)
+    model_uri = register_best_model(study, job, store)
+    if model_uri:
+        tags[BEST_MODEL_TAG] = model_uri
+    tags[DESCRIPTION_TAG] = describe_outcome(job, trials, best, model_uri)
     store.log(parent_run_id, metrics=metrics, tags=tags, step=Tally.of(trials).finished)
     store.log_text(parent_run_id, export_trials(study, "csv"), "trials.csv")
     if Path(job.spec.source).is_file():
         store.log_artifact(parent_run_id, job.spec.source, "spec" if job.spec_version == 1 else
                            f"spec/v{job.spec_version}")
     _log_plots(store, parent_run_id, study, job.spec)
+
+
+def describe_outcome(job: StudyJob, trials: list[FrozenTrial], best: FrozenTrial | None,
+                     model_uri: str | None) -> str:
+    """The parent run's description (MLflow shows it on the run's page): the best trial and where its model is."""
+    tally = Tally.of(trials)
+    counts = (f"{tally.finished} of {job.spec.target_trials()} trials finished "
+              f"({sum(t.state == TrialState.COMPLETE for t in trials)} complete, "
+              f"{sum(t.state == TrialState.PRUNED for t in trials)} pruned)")
+    if best is None:
+        return f"Study {job.spec.name}: {counts}; no best trial yet."
+    values = ", ".join(f"{name} {value:.4f}" for name, value in zip(job.spec.metric_names, best.values))
+    model = f" Its model: `{model_uri}`." if model_uri else ""
+    return f"Study {job.spec.name}: {counts}. Best: {trial_run_name(best)}, {values}.{model}"
 
 
 def _log_checkpoint(store: Store, parent_run_id: str, best: FrozenTrial, tags: dict[str, str]) -> None:

@@ -27,6 +27,7 @@ from ..status import RunStatus
 from ..tracking import MlflowLogger, Store, config_params
 from ..tracking.store import MAX_MESSAGE_LENGTH
 from .checkpoints import keep_checkpoints, trial_checkpoint_dir
+from .registry import keep_final_weights
 from .identity import VERSION_ATTR, VERSION_TAG
 from .job import StudyJob
 from .spec import EPOCH_METRICS, ParamSpec, StudySpec
@@ -123,6 +124,14 @@ STALE_MESSAGE = ("another worker failed this trial as stale (no heartbeat for lo
                  "this worker paused?) and queued its parameters again; this worker stops it and moves on")
 
 
+def trial_run_name(trial: optuna.Trial | FrozenTrial) -> str:
+    """``trial-0003 hidden_size=64 lr=0.0123 optimizer=adam``: the trial's number and its sampled parameters,
+    so that MLflow's runs table shows what each trial tried without configuring a column."""
+    shown = " ".join(f"{name.rsplit('.', 1)[-1]}={value:.3g}" if isinstance(value, float) else
+                     f"{name.rsplit('.', 1)[-1]}={value}" for name, value in trial.params.items())
+    return f"trial-{trial.number:04d} {shown}".rstrip()
+
+
 def trial_tags(spec: StudySpec, trial: optuna.Trial | FrozenTrial, spec_version: int | None) -> dict[str, str]:
     tags = {"optuna.study_name": spec.name, "optuna.trial_number": str(trial.number)}
     if spec_version is not None:
@@ -135,7 +144,7 @@ def _record_failed_run(job: StudyJob, trial: optuna.Trial, parent_run_id: str, m
     settings with the trial's parameters over them, as params."""
     store = Store(job.tracking_uri)
     params = {**config_params(job.spec.base_config), **{name: str(value) for name, value in trial.params.items()}}
-    run_id = store.start_run(store.experiment(job.spec.name), f"trial-{trial.number:04d}", "trial",
+    run_id = store.start_run(store.experiment(job.spec.name), trial_run_name(trial), "trial",
                              {**trial_tags(job.spec, trial, job.spec_version), "status": str(RunStatus.FAILED)},
                              params, parent_run_id)
     store.fail_run(run_id, message)
@@ -211,13 +220,14 @@ def _prepare(study: optuna.Study, trial: optuna.Trial, job: StudyJob, parent_run
     spec = job.spec
     trial.set_user_attr(WORKER_ATTR, f"{platform.node()}:{os.getpid()}")
     trial.set_user_attr(VERSION_ATTR, job.spec_version)
-    mlflow_logger = MlflowLogger(spec.name, job.tracking_uri, run_name=f"trial-{trial.number:04d}",
+    mlflow_logger = MlflowLogger(spec.name, job.tracking_uri, run_name=trial_run_name(trial),
                                  parent_run_id=parent_run_id, tags=trial_tags(spec, trial, job.spec_version),
                                  log_model=False, log_artifacts=False, kind="trial")
     single_epoch_metric = len(spec.objectives) == 1 and spec.metric_names[0] in EPOCH_METRICS
     callback = TrialCallback(trial, mlflow_logger, spec.metric_names[0] if single_epoch_metric else None)
     try:
         params = {param.name: suggest(trial, param) for param in spec.search}
+        mlflow_logger.run_name = trial_run_name(trial)
         config = apply_params(spec.base_config, params)
         check_config(config)  # here, not in a pack, where it would fail the other members too
     except Exception as exc:
@@ -268,6 +278,9 @@ def _conclude(study: optuna.Study, member: Member, job: StudyJob, parent_run_id:
         _tell(study, trial, job, callback, parent_run_id, result)
     except optuna.exceptions.UpdateFinishedTrialError:
         log.warning(f"trial {trial.number}: {STALE_MESSAGE}; its result is dropped (the retry runs it again)")
+    else:
+        if result.status == RunStatus.COMPLETED:
+            keep_final_weights(study, job, trial.number, result)
     keep_checkpoints(study, job, trial.number)
 
 

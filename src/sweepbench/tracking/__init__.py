@@ -3,12 +3,14 @@
 - ``store``: where runs go (URIs), experiments, and the life of a run (``Store``);
 - ``schema``: the run schema every run follows (kinds, params, tags), and how old runs are read;
 - ``logger``: the engine callback that logs a training run (``MlflowLogger``);
+- ``models``: trained models logged to their run and registered in the Model Registry with an alias;
 - ``reconcile``: RUNNING runs whose process is gone end KILLED (``reconcile_dead_runs``);
 - ``ui``: the MLflow UI command.
 """
 
 from ..hardware import environment_tags, git_commit
-from .logger import MlflowLogger, fluent_tracking_uri, train_tracked
+from .logger import MlflowLogger, train_tracked
+from .models import fluent_tracking_uri
 from .reconcile import RunningRun, process_tags, reconcile_dead_runs, reconcile_experiment
 from .schema import KIND_TAG, RUN_KINDS, SUMMARY_KINDS, TRAINING_KINDS, config_params, config_tags, flatten, run_kind
 from .store import (RunOutcome, Store, artifact_root, as_metrics, default_tracking_uri, ensure_experiment,

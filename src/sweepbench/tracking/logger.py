@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
-import torch
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
@@ -22,14 +18,13 @@ from ..engine.checkpoint import LOCATION_FIELDS, TRACKING_KEY
 from ..hardware import environment_record
 from ..retry import ServiceUnavailable
 from ..status import MlflowStatus, RunStatus, mlflow_status
+from .models import INPUT_EXAMPLE_SIZE, log_model
 from .reconcile import process_tags
 from .schema import KIND_TAG, config_params, training_tags
-from .store import TRACKING_URI_ENV, Store, as_metrics
+from .store import Store, as_metrics
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = "model"
-INPUT_EXAMPLE_SIZE = 4
 RUN_ID_RECORD = "mlflow_run_id"  # the key of the run id in a checkpoint's tracking records
 RESUMED_FROM_TAG = "sweepbench.resumed_from"  # the checkpoint a resumed run continued from
 RESUMED_AT_TAG = "sweepbench.resumed_at_epoch"
@@ -74,6 +69,7 @@ class MlflowLogger(Callback):
         self.tags = dict(tags or {})
         self.log_model, self.log_artifacts = log_model, log_artifacts
         self.run_id: str | None = None
+        self.model_id: str | None = None  # the logged model's, once logged
         self.continued_run_id: str | None = None  # set by ``continue_from``
         self.resumed_from_run: str | None = None
         self.logged_epochs = 0  # epochs the run already has metrics for
@@ -243,7 +239,13 @@ class MlflowLogger(Callback):
             tags["error"] = f"logging failed: {type(exc).__name__}: {exc}"
             self.store.end_run(self.run_id, MlflowStatus.FAILED, tags)
             raise
-        self.store.end_run(self.run_id, status, tags)
+        self.store.end_run(self.run_id, status, tags, self._ended_name(result))
+
+    def _ended_name(self, result: RunResult) -> str | None:
+        """A pruned run is FINISHED in MLflow (``status.STATUS_TABLE``); its name says it was pruned."""
+        if result.status != RunStatus.PRUNED:
+            return None
+        return f"{self.store.client.get_run(self.run_id).info.run_name} [{RunStatus.PRUNED}]"
 
     def _log_artifacts(self, context: TrainContext, result: RunResult) -> None:
         from .. import report
@@ -264,50 +266,10 @@ class MlflowLogger(Callback):
             self._log_model(context)
 
     def _log_model(self, context: TrainContext) -> None:
-        """Logs the trained model as a ``torch.export`` program (loading it runs no pickled code), on CPU,
-        with a signature and a few validation images as input example, linked to the run's final metrics.
-        Requirements are given, not inferred: inferring them loads the model again in a subprocess (seconds).
-        MLflow's serving-input check (load the model back, predict the example) is skipped: a third of the
-        model's logging time, and tests/test_tracking.py loads the logged model and checks its predictions."""
-        import mlflow.pytorch
-        from mlflow.models import infer_signature
-
-        model = _cpu_copy(context.model)
-        example = normalise(context.dataset.x_val[:INPUT_EXAMPLE_SIZE], context.dataset.mean,
-                            context.dataset.std).numpy()
-        with torch.inference_mode():
-            signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
-        client = self.store.client
-        logged = client.create_logged_model(self.store.experiment_id_of(self.run_id), name=MODEL_NAME,
-                                            source_run_id=self.run_id)
-        with fluent_tracking_uri(self.tracking_uri):
-            mlflow.pytorch.log_model(model, name=MODEL_NAME, signature=signature, input_example=example,
-                                     serialization_format="pt2", model_id=logged.model_id, run_id=self.run_id,
-                                     step=len(context.history), validate_serving_input=False,
-                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-        client.finalize_logged_model(logged.model_id, "READY")
-
-
-@contextlib.contextmanager
-def fluent_tracking_uri(uri: str) -> Iterator[None]:
-    """Points MLflow's global tracking URI at ``uri`` for a call that knows no other (``log_model``), then puts
-    back both the global and ``MLFLOW_TRACKING_URI``, which setting the global also overwrites: child processes
-    started later must not inherit this store."""
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-    previous_env = os.environ.get(TRACKING_URI_ENV)
-    try:
-        with _use_tracking_uri(uri):
-            yield
-    finally:
-        if previous_env is None:
-            os.environ.pop(TRACKING_URI_ENV, None)
-        else:
-            os.environ[TRACKING_URI_ENV] = previous_env
-
-
-def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
-    return copy.deepcopy(model).cpu().eval()
+        """The trained model, with a few validation images as its input example (``models.log_model``)."""
+        dataset = context.dataset
+        example = normalise(dataset.x_val[:INPUT_EXAMPLE_SIZE], dataset.mean, dataset.std).numpy()
+        self.model_id = log_model(self.store, self.run_id, context.model, example, len(context.history))
 
 
 def train_tracked(config: RunConfig, logger: MlflowLogger, callbacks: Sequence[Callback] = ()) -> RunResult:

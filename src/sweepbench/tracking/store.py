@@ -230,10 +230,12 @@ class Store:
         finally:
             plt.close(figure)
 
-    def end_run(self, run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
-        """Sets ``tags`` (messages cut to MLflow's limit), then the run's terminal status."""
+    def end_run(self, run_id: str, status: str, tags: dict[str, str] | None = None, name: str | None = None) -> None:
+        """Sets ``tags`` (messages cut to MLflow's limit) and a new ``name``, then the run's terminal status."""
         if tags:
             self.log(run_id, tags={key: _message(value) for key, value in tags.items()})
+        if name:
+            self.client.update_run(run_id, name=name)
         self.client.set_terminated(run_id, status)
 
     def fail_run(self, run_id: str, message: str) -> None:
