@@ -128,6 +128,42 @@ def test_a_cli_run_logs_its_artifacts(cli_run):
         assert (folder / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def logged_splits(client: MlflowClient, run_id: str) -> dict[str, object]:
+    """A run's dataset inputs by their context (the split), as MLflow's runs table reads them."""
+    inputs = client.get_run(run_id).inputs.dataset_inputs
+    return {next(tag.value for tag in item.tags if tag.key == "mlflow.data.context"): item.dataset
+            for item in inputs}
+
+
+@pytest.mark.slow
+def test_a_cli_run_logs_each_split_it_used_as_an_mlflow_dataset_input(cli_run, data_dir):
+    splits = logged_splits(cli_run["client"], cli_run["run"].info.run_id)
+    assert set(splits) == {"training", "validation", "test"}
+    dataset = load_dataset("mnist", data_dir)
+    rows = {name: json.loads(record.profile)["num_rows"] for name, record in splits.items()}
+    assert rows == {"training": len(dataset.x_train), "validation": len(dataset.x_val),
+                    "test": len(dataset.x_test)}
+    assert {record.name for record in splits.values()} == {"mnist"}
+    assert len({record.digest for record in splits.values()}) == 3, "one dataset per split, each its own digest"
+    for record in splits.values():
+        assert record.source_type == "local"
+        assert json.loads(record.source) == {"uri": str(data_dir / "mnist.npz")}
+        assert json.loads(record.profile)["fingerprint"] == cli_run["run"].data.tags["dataset_fingerprint"]
+
+
+def test_a_training_subset_has_its_own_digest_and_a_pruned_run_never_used_the_test_split(store, data_dir):
+    subset, pruned = MlflowLogger("inputs", store, log_artifacts=False), MlflowLogger("inputs", store)
+    train(quick_config(data_dir, epochs=1, train_subset=1000), [subset])
+    train(quick_config(data_dir), [RaiseAt(1, StopTraining("pruned at epoch 1", "pruned")), pruned])
+    client = MlflowClient(store)
+    small, stopped = logged_splits(client, subset.run_id), logged_splits(client, pruned.run_id)
+    assert json.loads(small["training"].profile)["num_rows"] == 1000
+    assert json.loads(stopped["training"].profile)["num_rows"] == 2000
+    assert small["training"].digest != stopped["training"].digest
+    assert small["validation"].digest == stopped["validation"].digest, "the same validation split, the same digest"
+    assert set(small) == {"training", "validation", "test"} and set(stopped) == {"training", "validation"}
+
+
 @pytest.mark.slow
 def test_the_logged_checkpoint_reproduces_the_logged_test_accuracy(cli_run, data_dir):
     run = cli_run["run"]

@@ -18,6 +18,7 @@ from ..engine.checkpoint import LOCATION_FIELDS, TRACKING_KEY
 from ..hardware import environment_record
 from ..retry import ServiceUnavailable
 from ..status import MlflowStatus, RunStatus, mlflow_status
+from .datasets import TEST, TRAINING, VALIDATION, log_splits
 from .models import INPUT_EXAMPLE_SIZE, log_model
 from .reconcile import process_tags
 from .schema import KIND_TAG, config_params, training_tags
@@ -178,6 +179,7 @@ class MlflowLogger(Callback):
             experiment_id = self.store.experiment(self.experiment)
             self.run_id = self.store.start_run(experiment_id, self._run_name(context), self.kind, tags,
                                                config_params(context.config), self.parent_run_id)
+        log_splits(self.store, self.run_id, context.dataset, context.config, (TRAINING, VALIDATION))
         for record in context.history[self.logged_epochs:]:  # a resumed run's earlier epochs it has no metrics for
             self._log_epoch(record)
 
@@ -228,6 +230,8 @@ class MlflowLogger(Callback):
             tags["error" if status == MlflowStatus.FAILED else "stop_reason"] = result.message
         try:
             self.store.log(self.run_id, metrics=final_metrics(result, self.epoch_logging_seconds))
+            if result.test_accuracy is not None:
+                log_splits(self.store, self.run_id, context.dataset, context.config, (TEST,))
             if self.log_artifacts:
                 self._log_artifacts(context, result)
         except ServiceUnavailable:
