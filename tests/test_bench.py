@@ -320,3 +320,23 @@ def test_cuda_cells_run_every_precision_against_cpu(tmp_path, data_dir):
         assert row.model != "mnist_mlp" or row.test_accuracy > 0.5
     assert {row.precision for _, row in report.table.iterrows() if row.status == "ok"} >= set(PRECISIONS) - {
         "cuda/bf16"}
+
+
+def test_the_parent_run_samples_system_metrics_in_warm_up_epochs_and_never_in_a_timed_one(tmp_path, data_dir,
+                                                                                         monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")  # MLflow's own knob; points every 0.1 s
+    spec = small_spec(tmp_path, data_dir, benchmark="warmup_epochs = 1", model="epochs = 4\ntrain_subset = 20000")
+    report = run_benchmark(spec, sqlite_uri(tmp_path))
+    client = MlflowClient(sqlite_uri(tmp_path))
+    sampled = [m.timestamp for m in client.get_metric_history(report.parent_run_id,
+                                                              "system/cpu_utilization_percentage")]
+    repeats = client.search_runs([report.experiment_id], "tags.sweepbench.kind = 'repeat'")
+    assert len(repeats) == 2 and sampled
+    in_warm_up = 0
+    for repeat in repeats:
+        ends = {m.step: m.timestamp for m in client.get_metric_history(repeat.info.run_id, "val_accuracy")}
+        timed_from, timed_to = ends[1], ends[4]  # the warm-up epoch's record, then the last timed epoch's
+        assert timed_to - timed_from > 1000, "timed epochs long enough for ten samples, had the monitor run"
+        assert not [t for t in sampled if timed_from < t < timed_to], "a point sampled while an epoch was timed"
+        in_warm_up += sum(repeat.info.start_time <= t <= timed_from for t in sampled)
+    assert in_warm_up >= 2, "each repeat's warm-up epoch has its points"

@@ -187,6 +187,9 @@ def test_a_quick_study_on_mnist_gives_trials_and_matching_mlflow_runs(pruning_st
     plots = {f"plots/{name}.png" for name in
              ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values")}
     assert {"trials.csv", "spec", "best_checkpoint/best.pt", *plots} <= artifacts
+    assert client.get_metric_history(parent.info.run_id, "system/cpu_utilization_percentage"), \
+        "the parent run has MLflow's system metrics"
+    assert not [name for run in children.values() for name in run.data.metrics if name.startswith("system/")]
 
 
 @pytest.mark.slow

@@ -151,6 +151,21 @@ def test_a_cli_run_logs_each_split_it_used_as_an_mlflow_dataset_input(cli_run, d
         assert json.loads(record.profile)["fingerprint"] == cli_run["run"].data.tags["dataset_fingerprint"]
 
 
+@pytest.mark.slow
+def test_a_cli_run_has_mlflow_system_metrics_and_the_off_switch_and_mlflows_variable_turn_them_off(cli_run, tmp_path,
+                                                                                                  data_dir):
+    client, run_id = cli_run["client"], cli_run["run"].info.run_id
+    names = {name for name in cli_run["run"].data.metrics if name.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= names
+    assert client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+    for switch, env in ((("--no-system-metrics",), {}), ((), {"MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"})):
+        completed = run_cli("train", *TRAIN_ARGS, "--epochs", "1", "--train-subset", "500", *switch, "--json",
+                            "--data-dir", str(data_dir), cwd=tmp_path, env={"MLFLOW_TRACKING_URI": "", **env},
+                            check=True)
+        run = MlflowClient(sqlite_uri(tmp_path)).get_run(json.loads(completed.stdout)["mlflow_run_id"])
+        assert run.info.status == "FINISHED" and not [m for m in run.data.metrics if m.startswith("system/")]
+
+
 def test_a_training_subset_has_its_own_digest_and_a_pruned_run_never_used_the_test_split(store, data_dir):
     subset, pruned = MlflowLogger("inputs", store, log_artifacts=False), MlflowLogger("inputs", store)
     train(quick_config(data_dir, epochs=1, train_subset=1000), [subset])

@@ -18,7 +18,8 @@ from .. import report
 from ..precisions import PRECISIONS
 from ..status import MlflowStatus, RunStatus, mlflow_status
 from ..steps import check_step_device
-from ..tracking import MlflowLogger, Store, config_params, config_tags, environment_tags
+from ..tracking import (MlflowLogger, PausedWhileTimed, Store, SystemMetrics, config_params, config_tags,
+                        environment_tags, start_system_metrics)
 from .spec import BenchSpec, Cell
 from .table import CellOutcome, build_table, cell_figures, plot_speedups
 
@@ -55,6 +56,7 @@ class _Tracking:
     experiment: str
     experiment_id: str
     parent_run_id: str
+    system: SystemMetrics | None = None  # the parent's system metrics, stopped while an epoch is timed
 
     def start_cell(self, cell: Cell, tags: dict[str, str]) -> str:
         return self.store.start_run(self.experiment_id, cell.label, "cell", {**_cell_tags(cell), **tags},
@@ -106,6 +108,8 @@ def _run_repeats(cell: Cell, spec: BenchSpec, tracking: _Tracking,
                               cell_run_id, tags={"repeat": str(repeat), "benchmark_cell": cell.label},
                               log_model=False, log_artifacts=False, kind="repeat")
         callbacks = [logger, budget] if budget is not None and repeat == 1 else [logger]
+        if tracking.system is not None:  # first: stopped before the warm-up's last record is logged
+            callbacks.insert(0, PausedWhileTimed(tracking.system, spec.warmup_epochs))
         results.append(train(cell.config.replace(seed=cell.config.seed + repeat - 1), callbacks))
         loads.append(os.getloadavg()[0])
         if results[-1].status != RunStatus.COMPLETED:
@@ -197,19 +201,26 @@ def _log_report(tracking: _Tracking, spec: BenchSpec, outcomes: Sequence[CellOut
 
 
 def run_benchmark(spec: BenchSpec, tracking_uri: str | None = None, experiment: str | None = None,
-                  on_cell: Callable[[CellOutcome], None] | None = None) -> BenchReport:
-    """Runs every cell of ``spec`` under one MLflow parent run and returns the table."""
+                  on_cell: Callable[[CellOutcome], None] | None = None,
+                  system_metrics: bool = True) -> BenchReport:
+    """Runs every cell of ``spec`` under one MLflow parent run and returns the table. The parent run has
+    MLflow's system metrics, sampled everywhere but in the timed epochs (``tracking.system``)."""
     store = Store(tracking_uri)
     experiment = experiment or f"bench-{spec.name}"
     experiment_id = store.experiment(experiment, spec.description or None)
     parent_run_id = store.start_run(experiment_id, spec.name, "bench", _parent_tags(spec))
-    tracking = _Tracking(store, experiment, experiment_id, parent_run_id)
+    tracking = _Tracking(store, experiment, experiment_id, parent_run_id,
+                         start_system_metrics(store.tracking_uri, parent_run_id, system_metrics))
     with store.lifecycle(parent_run_id):
         outcomes = []
-        for cell in spec.cells:
-            outcomes.append(run_cell(cell, spec, tracking))
-            if on_cell:
-                on_cell(outcomes[-1])
+        try:
+            for cell in spec.cells:
+                outcomes.append(run_cell(cell, spec, tracking))
+                if on_cell:
+                    on_cell(outcomes[-1])
+        finally:
+            if tracking.system is not None:
+                tracking.system.stop()
         table = build_table(outcomes, spec)
         _log_report(tracking, spec, outcomes, table)
     return BenchReport(spec, outcomes, table, parent_run_id, experiment, experiment_id, store.tracking_uri)

@@ -52,6 +52,13 @@ def add_tracking_args(parser: argparse.ArgumentParser, default_experiment: str |
                                                "sqlite:///<cwd>/mlruns/mlflow.db)")
 
 
+def add_system_metrics_arg(parser: argparse.ArgumentParser, run: str) -> None:
+    parser.add_argument("--no-system-metrics", action="store_true",
+                        help=f"do not log MLflow's system metrics (CPU, memory, disk, network, GPU) on {run}; "
+                             "also MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false. Sampled every 2 s, or "
+                             "$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The run config the ``train`` flags describe: the flags given, then ``--set`` over them."""
     values = {f.name: getattr(args, f.name) for f in config_fields()

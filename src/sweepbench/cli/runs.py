@@ -11,7 +11,7 @@ from ..status import MlflowStatus
 from ..validators import choice
 
 PEOPLE_FORMATS = ("md", "html")  # a compact table by default; csv, json and latex hold every column
-from .options import add_data_args, add_set_arg, add_tracking_args, split_list, write_output
+from .options import add_data_args, add_set_arg, add_system_metrics_arg, add_tracking_args, split_list, write_output
 
 
 def add_ui_parser(commands: argparse._SubParsersAction) -> None:
@@ -119,6 +119,7 @@ def add_study_parser(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--precision", help=f"override the spec's precision: {', '.join(PRECISIONS)}")
     add_data_args(run)
     add_tracking_args(run)
+    add_system_metrics_arg(run, "the study's parent run")
     add_set_arg(run)
     run.set_defaults(handler=_study_run)
     show = study_commands.add_parser("show", help="print the best trials, each parameter's importance and the "
@@ -155,7 +156,7 @@ def _study_run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec).with_overrides(n_trials=args.n_trials, timeout=args.timeout, pack=args.pack,
                                                **changes)
     job = make_job(spec, args.storage, args.tracking_uri, args.workers, args.heartbeat_interval,
-                   args.new_spec_version)
+                   args.new_spec_version, not args.no_system_metrics)
     configure_logging()
     print(f"study {spec.name}: target {spec.target_trials()} finished trials, {job.workers} worker(s), "
           f"storage {redact(job.storage_url)}, tracking {job.tracking_uri}", flush=True)
@@ -226,6 +227,7 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     add_set_arg(parser)
     add_data_args(parser)
     add_tracking_args(parser)
+    add_system_metrics_arg(parser, "the benchmark's parent run (never during a timed epoch)")
     parser.set_defaults(handler=_bench)
 
 
@@ -241,7 +243,8 @@ def _bench(args: argparse.Namespace) -> int:
                      data_dir=args.data_dir, download=args.download or None, **parse_overrides(args.set))
     print(f"benchmark {spec.name}: {len(spec.cells)} cells x {spec.repeats} repeats", file=sys.stderr, flush=True)
     report = run_benchmark(spec, args.tracking_uri, args.experiment,
-                           on_cell=lambda outcome: print(outcome.describe(), file=sys.stderr, flush=True))
+                           on_cell=lambda outcome: print(outcome.describe(), file=sys.stderr, flush=True),
+                           system_metrics=not args.no_system_metrics)
     text = export_table(report.table, args.format, title=f"benchmark {report.spec.name}")
     print(text)
     if args.output:

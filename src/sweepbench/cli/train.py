@@ -11,7 +11,7 @@ from ..config import ConfigError, parse_overrides
 from ..config import fields as config_fields
 from ..paths import writable_folder
 from ..status import RunStatus
-from .options import add_config_flags, add_data_args, add_tracking_args, config_from_args
+from .options import add_config_flags, add_data_args, add_system_metrics_arg, add_tracking_args, config_from_args
 
 
 def add_train_parser(commands: argparse._SubParsersAction) -> None:
@@ -28,6 +28,7 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
                              "alias 'best' moves to it when its test accuracy beats the version it points at")
     add_data_args(parser)
     add_tracking_args(parser, default_experiment="train")
+    add_system_metrics_arg(parser, "the run")
     parser.set_defaults(handler=_train)
 
 
@@ -57,7 +58,7 @@ def _train(args: argparse.Namespace) -> int:
     else:
         from ..tracking import MlflowLogger, browse_hint, train_tracked
 
-        logger = MlflowLogger(args.experiment, args.tracking_uri)
+        logger = MlflowLogger(args.experiment, args.tracking_uri, system_metrics=not args.no_system_metrics)
         if checkpoint is not None:
             print(f"sweepbench: note: --resume: {logger.continue_from(checkpoint, config)}", file=sys.stderr)
         _reconcile_experiment(logger)

@@ -24,6 +24,7 @@ from ..precisions import check_precision
 from ..status import MlflowStatus
 from ..steps import check_step_device
 from ..tracking import Store
+from ..tracking.system import start_system_metrics
 from . import identity
 from .coordination import Tally, _run_workers, configure_logging, load_study, worker_seed
 from .job import StudyJob, make_job, normalize_storage_url, redact
@@ -163,12 +164,15 @@ def run_study(job: StudyJob) -> StudyOutcome:
     parent_run_id = _open_parent_run(study, job, store)
     with store.lifecycle(parent_run_id) as outcome:
         reconcile(study, job, store, parent_run_id)
+        system = start_system_metrics(job.tracking_uri, parent_run_id, job.system_metrics)
         try:
             _run_workers(job)
             tally = Tally.of(study.get_trials(deepcopy=False))
             if tally.failed >= job.spec.max_failed_trials and tally.finished < job.spec.target_trials():
                 outcome.status = MlflowStatus.FAILED
         finally:
+            if system is not None:
+                system.stop()
             reconcile(study, job, store, parent_run_id)
             log_study_outcome(study, job, store, parent_run_id)
     return StudyOutcome(study, job, parent_run_id, outcome.status, tally, finished_before,

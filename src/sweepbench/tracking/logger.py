@@ -23,6 +23,7 @@ from .models import INPUT_EXAMPLE_SIZE, log_model
 from .reconcile import process_tags
 from .schema import KIND_TAG, config_params, training_tags
 from .store import Store, as_metrics
+from .system import SystemMetrics, start_system_metrics
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,15 @@ class MlflowLogger(Callback):
 
     def __init__(self, experiment: str, tracking_uri: str | None = None, run_name: str | None = None,
                  parent_run_id: str | None = None, tags: dict[str, str] | None = None,
-                 log_model: bool = True, log_artifacts: bool = True, kind: str = "train") -> None:
+                 log_model: bool = True, log_artifacts: bool = True, kind: str = "train",
+                 system_metrics: bool = False) -> None:
         self.store = Store(tracking_uri)
         self.experiment, self.kind = experiment, kind
         self.run_name, self.parent_run_id = run_name, parent_run_id
         self.tags = dict(tags or {})
         self.log_model, self.log_artifacts = log_model, log_artifacts
+        self.system_metrics = system_metrics  # MLflow's system metrics monitor on the run (``system``)
+        self.system: SystemMetrics | None = None
         self.run_id: str | None = None
         self.model_id: str | None = None  # the logged model's, once logged
         self.continued_run_id: str | None = None  # set by ``continue_from``
@@ -180,6 +184,7 @@ class MlflowLogger(Callback):
             self.run_id = self.store.start_run(experiment_id, self._run_name(context), self.kind, tags,
                                                config_params(context.config), self.parent_run_id)
         log_splits(self.store, self.run_id, context.dataset, context.config, (TRAINING, VALIDATION))
+        self.system = start_system_metrics(self.tracking_uri, self.run_id, self.system_metrics)
         for record in context.history[self.logged_epochs:]:  # a resumed run's earlier epochs it has no metrics for
             self._log_epoch(record)
 
@@ -206,6 +211,8 @@ class MlflowLogger(Callback):
         """Final metrics, artifacts and the run's end. After an outage, the run first catches up (within the
         retry budget). A store still (or newly) down leaves ``outage`` set and the run RUNNING, for
         ``sweepbench runs reconcile`` or the study's reconciliation: the result itself is never lost to it."""
+        if self.system is not None:
+            self.system.stop()
         if self.outage is not None and not self._catch_up(context, retry.retry_budget()):
             self._warn_unfinished()
             return
