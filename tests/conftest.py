@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import html
+import re
+import shutil
 import os
 import socket
 import subprocess
@@ -18,6 +21,7 @@ import torch
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SWEEPBENCH_TEST_DATA", PROJECT_ROOT.parent / "shared" / "data")).resolve()
 
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available on this machine")
 
 
@@ -115,3 +119,15 @@ def postgres_admin():
     admin.autocommit = True
     yield admin
     admin.close()
+
+
+def render(url: str, screenshot: Path, budget_ms: int = 20000, size: str = "1400,900") -> str:
+    """The page's visible text after headless chromium has run its JavaScript for ``budget_ms`` of virtual time;
+    saves a screenshot too (``docs/screenshots.py`` makes the README's pictures with it)."""
+    profile = screenshot.parent / f"chrome-profile-{screenshot.stem}"  # fresh: no view choice kept from before
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
+               f"--virtual-time-budget={budget_ms}", f"--window-size={size}", "--hide-scrollbars",
+               f"--screenshot={screenshot}", "--dump-dom", url]
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=180, check=True).stdout
+    dom = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S | re.I)
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", dom)).split())

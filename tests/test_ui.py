@@ -12,10 +12,6 @@ Needs Debian's ``chromium`` (``.ci/run`` installs it); skipped with the reason w
 
 from __future__ import annotations
 
-import html
-import re
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -25,9 +21,8 @@ from mlflow import MlflowClient
 from packaging.version import Version
 
 from sweepbench.tracking import ensure_experiment, experiment_url
-from tests.conftest import mlflow_server, run_cli
+from tests.conftest import CHROMIUM, mlflow_server, render, run_cli
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 RUN_NAMES = ("uicheck-run-a", "uicheck-run-b", "uicheck-run-c")
 GENAI_MARKERS = ("No data available", "Judges", "Agent versions")  # GenAI overview text and GenAI-only nav items
 TAG_IGNORED = Version(mlflow.__version__) >= Version("3.10")  # the UI's GenAI/Model training switch came in 3.10
@@ -56,16 +51,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         client.set_terminated(run_id)
     with mlflow_server(root, uri) as base_url:
         yield Served(base_url, experiment_id, uri)
-
-
-def render(url: str, screenshot: Path) -> str:
-    """The page's visible text after headless chromium has run its JavaScript; saves a screenshot too."""
-    profile = screenshot.parent / "chrome-profile"  # fresh: no "Model training" choice kept from earlier visits
-    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
-               "--virtual-time-budget=20000", "--window-size=1400,900", f"--screenshot={screenshot}", "--dump-dom", url]
-    dom = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
-    dom = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S | re.I)
-    return html.unescape(re.sub(r"<[^>]+>", " ", dom))
 
 
 def assert_runs_table(text: str, screenshot: Path) -> None:
