@@ -29,9 +29,10 @@ class CellOutcome:
         """One progress line."""
         if self.figures.get("epoch_s_median") is None:
             return f"{self.cell.label}: {self.status}"
+        accuracy = self.figures.get("test_accuracy")  # none for a cut cell: no repeat trained to its end
         return (f"{self.cell.label}: {self.status}, {self.figures['epoch_s_median']:.3f} s/epoch "
-                f"(min {self.figures['epoch_s_min']:.3f}, max {self.figures['epoch_s_max']:.3f}), "
-                f"test accuracy {self.figures['test_accuracy']:.4f}")
+                f"(min {self.figures['epoch_s_min']:.3f}, max {self.figures['epoch_s_max']:.3f})"
+                + ("" if accuracy is None else f", test accuracy {accuracy:.4f}"))
 
 
 def _median_or_none(values: list[float]) -> float | None:

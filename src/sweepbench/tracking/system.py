@@ -32,6 +32,7 @@ class SystemMetrics:
     def __init__(self, tracking_uri: str, run_id: str, interval: float = SAMPLING_INTERVAL) -> None:
         self.tracking_uri, self.run_id, self.interval = tracking_uri, run_id, interval
         self.monitor = None
+        self.cpu_seconds = 0.0  # CPU time the monitor's thread used, over every start and stop: its cost
 
     @property
     def running(self) -> bool:
@@ -51,10 +52,19 @@ class SystemMetrics:
         monitor, self.monitor = self.monitor, None
         if monitor is None:
             return
+        self.cpu_seconds += thread_cpu_seconds(monitor._process.native_id) if monitor._process else 0.0
         monitor.finish()
         if any(part.metrics for part in monitor.monitors):
             monitor.publish_metrics(monitor.aggregate_metrics())
             monitor.mlflow_logger.flush()
+
+
+def thread_cpu_seconds(native_id: int) -> float:
+    """User and system CPU seconds of this process's thread ``native_id`` so far (0 once it is gone)."""
+    import psutil
+
+    return next((thread.user_time + thread.system_time for thread in psutil.Process().threads()
+                 if thread.id == native_id), 0.0)
 
 
 def start_system_metrics(tracking_uri: str, run_id: str, requested: bool = True) -> SystemMetrics | None:
