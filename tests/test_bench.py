@@ -254,6 +254,7 @@ def test_a_cell_projected_past_its_budget_is_cut_after_its_first_timed_epoch_and
     assert re.fullmatch(r"cut: projected [\d.]+ s for 2 repeat\(s\) of 4 epochs, past the cell budget of 0.01 s",
                         cell.status), cell.status
     assert cell.projected_s > 0.01 and cell.repeats == 0 and math.isnan(cell.test_accuracy)
+    assert report.failed == []  # cut by design: the command's exit status stays 0
     assert cell.epoch_s_median > 0 and cell.samples_per_s > 0  # its one timed epoch
     line = report.outcomes[0].describe()  # the progress line of a cell with an epoch time and no test accuracy
     assert line.startswith(f"{report.outcomes[0].cell.label}: cut: projected") and "test accuracy" not in line

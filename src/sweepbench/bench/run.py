@@ -174,7 +174,8 @@ class BenchReport:
 
     @property
     def failed(self) -> list[CellOutcome]:
-        return [o for o in self.outcomes if o.status != "ok" and not o.status.startswith("skipped")]
+        """Cells that broke: neither ok, skipped (cannot run here) nor cut (its budget stopped it, by design)."""
+        return [o for o in self.outcomes if o.status != "ok" and not o.status.startswith(("skipped", CUT))]
 
 
 def _parent_tags(spec: BenchSpec) -> dict[str, str]:
