@@ -22,7 +22,7 @@ import optuna
 import pytest
 import sqlalchemy
 
-from sweepbench.retry import PermanentError
+from sweepbench.retry import PermanentError, RetryPolicy
 from sweepbench.study import WORKER_ATTR, make_job, normalize_storage_url, open_storage
 from sweepbench.study.spec import load_spec
 from sweepbench.study.storage import storage_lock
@@ -121,6 +121,24 @@ def test_a_storage_that_goes_read_only_mid_study_ends_the_command_at_once_in_one
                                 "is not retried): "), errors[0]
     assert "Read-only file system" in errors[0], errors[0]
     assert ended < RETRY_SECONDS / 4, f"ended {ended:.1f} s after the remount"
+
+
+def test_a_call_made_while_a_permanent_error_is_handled_is_judged_by_its_own_errors() -> None:
+    """A study ending on a read-only storage still looks its best model up in MLflow (a ``finally`` block): that
+    call's errors are not read-only because the error being handled is, so a refused connection is retried and a
+    missing model is raised as it is, not as the study's permanent error."""
+    policy, attempts = RetryPolicy("MLflow tracking store", budget=5, first_delay=0.01), []
+
+    def lookup() -> None:
+        attempts.append(len(attempts))
+        raise ConnectionRefusedError("refused") if len(attempts) == 1 else LookupError("no model named 'study'")
+
+    try:
+        raise PermanentError("permanent study storage error: study.db cannot be written (Read-only file system)")
+    except PermanentError:
+        with pytest.raises(LookupError, match="no model named"):
+            policy.call(lookup)
+    assert attempts == [0, 1]
 
 
 @pytest.fixture

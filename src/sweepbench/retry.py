@@ -16,6 +16,7 @@ import errno
 import logging
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
@@ -106,6 +107,15 @@ def permanent_reason(exc: BaseException) -> str | None:
     return None
 
 
+def detach(error: BaseException, handled: BaseException) -> None:
+    """Cuts the implicit link from ``error``'s chain to ``handled``, the error that was being handled when the
+    call that raised ``error`` began: it did not cause ``error``, so it must not make ``error`` permanent or
+    transient (a lookup that fails while a study ends on a read-only storage is not read-only itself)."""
+    for cause in causes(error):
+        if cause.__context__ is handled:
+            cause.__context__ = None
+
+
 def transient_cause(exc: BaseException) -> BaseException | None:
     """The error in ``exc``'s chain that makes it a service's transient fault (the driver's, not the wrapper's
     Optuna raises), or None for a mistake in the request, a full disk or a permanent fault. Checked by name, so
@@ -158,11 +168,14 @@ class RetryPolicy:
         seconds = retry_budget() if self.budget is None else self.budget
         started = time.monotonic()
         delay, attempts = self.first_delay, 0
+        handled = sys.exc_info()[1]  # a call made in an ``except`` or ``finally`` block: the error handled there
         while True:
             try:
                 with uninterrupted():
                     result = function(*args, **kwargs)
             except Exception as exc:
+                if handled is not None:
+                    detach(exc, handled)
                 permanent = self.permanent(exc)
                 if permanent is exc:
                     raise
