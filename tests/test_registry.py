@@ -51,6 +51,7 @@ def test_a_study_registers_its_best_model_and_moves_best_to_a_resumed_studys_new
         version = client.get_model_version_by_alias("registered", "best")
         assert version.run_id == best.user_attrs["mlflow_run_id"], (n_trials, best.number)
         assert "best model: models:/registered@best" in ran.stdout
+        assert "INFO:" not in ran.stderr, "each line once, not again from the root logger's handler"
         parent, children = mlflow_runs(tracking, "registered")
         assert parent.data.tags["best_model_uri"] == "models:/registered@best"
         assert f"Best: trial-{best.number:04d} " in parent.data.tags["mlflow.note.content"]

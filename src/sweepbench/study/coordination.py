@@ -183,9 +183,12 @@ def _ask(study: optuna.Study, storage: RetryingStorage) -> optuna.Trial:
 
 
 def configure_logging() -> None:
-    """One line per trial (and per service outage) from sweepbench; Optuna's chatter only when it is a warning."""
+    """One line per trial (and per service outage) from sweepbench; Optuna's chatter only when it is a warning.
+    Not passed on to the root logger, which ``mlflow.pytorch`` gives a handler of its own (``basicConfig``) that
+    would print every line twice."""
     log = logging.getLogger("sweepbench")
     log.setLevel(logging.INFO)
+    log.propagate = False
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
