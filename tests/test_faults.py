@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ from typing import Iterator
 import optuna
 import pandas as pd
 import pytest
+import sqlalchemy
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
@@ -104,10 +106,18 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 180, what: s
     raise AssertionError(f"no {what} within {timeout} s")
 
 
+@functools.cache
+def polled_storage(storage_url: str) -> optuna.storages.RDBStorage:
+    """One storage per URL for the tests' polls, without a connection pool: a ``load_study`` of the URL per poll
+    keeps a connection open per poll until garbage collection, and ten polls a second would take all of
+    PostgreSQL's 100 while a slow machine starts its first trial."""
+    return optuna.storages.RDBStorage(storage_url, engine_kwargs={"poolclass": sqlalchemy.pool.NullPool})
+
+
 def running_trial(storage_url: str, name: str, other_than: int | None = None,
                   worker_pid: int | None = None) -> optuna.trial.FrozenTrial | None:
     """A trial in the middle of training (RUNNING, its MLflow run linked), of worker ``worker_pid`` if given."""
-    study = optuna.load_study(study_name=name, storage=storage_url)
+    study = optuna.load_study(study_name=name, storage=polled_storage(storage_url))
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if RUN_ID_ATTR in trial.user_attrs and trial.number != other_than and (
                 worker_pid is None or trial.user_attrs[WORKER_ATTR].endswith(f":{worker_pid}")):
@@ -215,7 +225,8 @@ def test_a_tracking_server_down_for_longer_than_all_retries_loses_no_trial_and_n
     process = start_study(args, tmp_path, SHORT_RETRIES)
     first = wait_for(lambda: running_trial(storage, "outage"), process, what="running trial")
     restartable_server.stop()
-    wait_for(lambda: optuna.load_study(study_name="outage", storage=storage).trials[first.number].state.is_finished(),
+    wait_for(lambda: optuna.load_study(study_name="outage", storage=polled_storage(storage)
+                                       ).trials[first.number].state.is_finished(),
              process, what="a trial finished while the server is down")
     restartable_server.start()  # about 10 s after it stopped
     output = process.communicate(timeout=600)[0]
