@@ -12,7 +12,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
+import psutil
 import pytest
 from mlflow import MlflowClient
 
@@ -71,7 +73,7 @@ def test_a_sigkilled_train_run_stays_running_until_runs_reconcile_ends_it_killed
     run = client.get_run(run_id)
     assert run.info.status == "RUNNING"
     assert run.data.tags[HOST_TAG] == platform.node() and run.data.tags[PID_TAG] == str(pid)
-    assert run.data.tags[PID_STARTED_TAG].isdigit()
+    assert float(run.data.tags[PID_STARTED_TAG]) == pytest.approx(time.time(), abs=600)
     completed = run_cli("runs", "reconcile", "--experiment", "train", "--tracking-uri", store_uri(tmp_path),
                         timeout=120)
     assert completed.returncode == 0, completed.stderr
@@ -109,26 +111,41 @@ def gone_pid() -> int:
     return process.pid
 
 
-def test_only_runs_of_this_host_whose_process_is_gone_are_ended(tmp_path: Path, gone_pid: int) -> None:
+@pytest.fixture
+def zombie() -> Iterator[psutil.Process]:
+    """A child that has exited and is not reaped yet: a zombie, its pid still taken."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    child = psutil.Process(process.pid)
+    deadline = time.monotonic() + 60
+    while child.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield child
+    process.wait()
+
+
+def test_only_runs_of_this_host_whose_process_is_gone_are_ended(tmp_path: Path, gone_pid: int,
+                                                                 zombie: psutil.Process) -> None:
     store = Store(store_uri(tmp_path))
     experiment_id = store.experiment("reconcile")
     here = process_tags()
     runs = {
         "alive": (here, "train"),
         "gone": ({**here, PID_TAG: str(gone_pid)}, "train"),
-        "pid reused": ({**here, PID_STARTED_TAG: "1"}, "train"),  # this process's pid, another start time
+        "pid reused": ({**here, PID_STARTED_TAG: "1.00"}, "train"),  # this process's pid, another start time
+        "ticks tag": ({**here, PID_STARTED_TAG: "123456"}, "train"),  # an older version's start time: unknown
+        "zombie": ({**here, PID_TAG: str(zombie.pid), PID_STARTED_TAG: f"{zombie.create_time():.2f}"}, "train"),
         "other host": ({**here, HOST_TAG: "elsewhere.example", PID_TAG: str(gone_pid)}, "train"),
         "study trial": ({**here, PID_TAG: str(gone_pid)}, "trial"),  # reconciled with Optuna by study run
         "untagged": ({}, "train"),
     }
     ids = {name: store.start_run(experiment_id, name, kind, tags) for name, (tags, kind) in runs.items()}
     checked = {run.run_name: run for run in reconcile_dead_runs(store)}
-    assert set(checked) == {"alive", "gone", "pid reused", "other host"}
-    assert {name for name, run in checked.items() if run.ended} == {"gone", "pid reused"}
+    assert set(checked) == {"alive", "gone", "pid reused", "ticks tag", "zombie", "other host"}
+    assert {name for name, run in checked.items() if run.ended} == {"gone", "pid reused", "zombie"}
     assert [name for name, run in checked.items() if run.elsewhere] == ["other host"]
     statuses = {name: store.client.get_run(run_id).info.status for name, run_id in ids.items()}
-    assert statuses == {"alive": "RUNNING", "gone": "KILLED", "pid reused": "KILLED", "other host": "RUNNING",
-                        "study trial": "RUNNING", "untagged": "RUNNING"}
+    assert statuses == {"alive": "RUNNING", "gone": "KILLED", "pid reused": "KILLED", "ticks tag": "RUNNING",
+                        "zombie": "KILLED", "other host": "RUNNING", "study trial": "RUNNING", "untagged": "RUNNING"}
     assert store.client.get_run(ids["gone"]).data.tags["stop_reason"] == reason(gone_pid)
     assert store.client.get_run(ids["pid reused"]).data.tags["stop_reason"] == reason(os.getpid())
 

@@ -1,7 +1,7 @@
 """Runs left RUNNING by a process that is gone (SIGKILL, a crash, a machine that went down) end KILLED here.
 
-Every training run records where it runs (``process_tags``: host, pid and the process's start time, so that a
-reused pid is not taken for the run's writer). ``reconcile_dead_runs`` ends the RUNNING runs of this host whose
+Every training run records where it runs (``process_tags``: host, pid and the process's start time, from psutil,
+so that a reused pid is not taken for the run's writer). ``reconcile_dead_runs`` ends the RUNNING runs of this host whose
 process is gone; runs of other hosts are left alone (their processes cannot be seen from here), and so are study
 trials, whose runs a ``study run`` reconciles with their Optuna states.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import platform
 from dataclasses import dataclass
-from pathlib import Path
 
+import psutil
 from mlflow.entities import Run
 
 from ..status import MlflowStatus
@@ -21,44 +21,33 @@ from .store import SEARCH_LIMIT, Store, sqlite_path
 
 HOST_TAG = "sweepbench.host"
 PID_TAG = "sweepbench.pid"
-PID_STARTED_TAG = "sweepbench.pid_started"  # field 22 of /proc/<pid>/stat: clock ticks from boot to its start
+PID_STARTED_TAG = "sweepbench.pid_started"  # psutil's create_time: seconds since the epoch, to 0.01 s
 STUDY_TRIAL_KIND = "trial"
-GONE_STATES = ("Z", "X")  # a zombie has exited; only its exit status is left for its parent to read
 RUNNING_FILTER = "attributes.status = 'RUNNING'"
 
 
 def process_tags() -> dict[str, str]:
-    """The tags that tell which process writes a run: host, pid and, where /proc exists, its start time."""
-    tags = {HOST_TAG: platform.node(), PID_TAG: str(os.getpid())}
-    stat = _proc_stat(os.getpid())
-    if stat is not None:
-        tags[PID_STARTED_TAG] = stat[1]
-    return tags
+    """The tags that tell which process writes a run: host, pid and its start time."""
+    return {HOST_TAG: platform.node(), PID_TAG: str(os.getpid()),
+            PID_STARTED_TAG: _start_time(psutil.Process())}
 
 
-def _proc_stat(pid: int) -> tuple[str, str] | None:
-    """(state, start time) of ``pid`` from /proc, or None when /proc has no such process (or no /proc)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text.rsplit(")", 1)[1].split()  # the name, in parentheses, may hold spaces; fields 3.. follow it
-    return fields[0], fields[19]
+def _start_time(process: psutil.Process) -> str:
+    return f"{process.create_time():.2f}"  # from the kernel's clock ticks: the same on every call
 
 
 def process_gone(pid: int, started: str | None) -> bool:
-    """Whether process ``pid`` of this host, started at ``started`` (None: not recorded), has ended."""
+    """Whether process ``pid`` of this host, started at ``started`` (None: not recorded), has ended. A start
+    time in the clock ticks that versions before psutil recorded (no decimal point) reads as not recorded."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        process = psutil.Process(pid)
+        if process.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            return True  # a zombie has exited; only its exit status is left for its parent to read
+        return started is not None and "." in started and _start_time(process) != started
+    except psutil.NoSuchProcess:
         return True
-    except PermissionError:
-        pass  # another user's process: alive
-    stat = _proc_stat(pid)
-    if stat is None:
-        return False  # no /proc to tell a reused pid by: alive, to be safe
-    state, start_time = stat
-    return state in GONE_STATES or (started is not None and start_time != started)
+    except psutil.AccessDenied:
+        return False  # another user's process: alive
 
 
 @dataclass(frozen=True)
