@@ -22,6 +22,8 @@ from .store import SEARCH_LIMIT, Store, sqlite_path
 HOST_TAG = "sweepbench.host"
 PID_TAG = "sweepbench.pid"
 PID_STARTED_TAG = "sweepbench.pid_started"  # psutil's create_time: seconds since the epoch, to 0.01 s
+# psutil adds the boot time, which the kernel derives from the clock: a stepped clock moves it by a second or so
+START_TIME_TOLERANCE_SECONDS = 2.0
 STUDY_TRIAL_KIND = "trial"
 RUNNING_FILTER = "attributes.status = 'RUNNING'"
 
@@ -33,17 +35,25 @@ def process_tags() -> dict[str, str]:
 
 
 def _start_time(process: psutil.Process) -> str:
-    return f"{process.create_time():.2f}"  # from the kernel's clock ticks: the same on every call
+    return f"{process.create_time():.2f}"
+
+
+def _seconds(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def process_gone(pid: int, started: str | None) -> bool:
     """Whether process ``pid`` of this host, started at ``started`` (None: not recorded), has ended. A start
     time in the clock ticks that versions before psutil recorded (no decimal point) reads as not recorded."""
+    recorded = _seconds(started) if started and "." in started else None
     try:
         process = psutil.Process(pid)
         if process.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
             return True  # a zombie has exited; only its exit status is left for its parent to read
-        return started is not None and "." in started and _start_time(process) != started
+        return recorded is not None and abs(process.create_time() - recorded) > START_TIME_TOLERANCE_SECONDS
     except psutil.NoSuchProcess:
         return True
     except psutil.AccessDenied:
