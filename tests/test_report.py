@@ -150,7 +150,8 @@ def test_csv_and_json_exports_parse_back_to_the_same_numbers(store, runs, tmp_pa
 def test_html_and_latex_exports_hold_every_group(runs):
     table = comparison_table(runs, GROUP_BY, ["test_accuracy"])
     html, latex = export_table(table, "html"), export_table(table, "latex")
-    assert html.startswith("<!DOCTYPE html>") and "<table>" in html and "nan" not in html.lower()
+    assert html.startswith("<!DOCTYPE html>") and '<table id="T_sweepbench">' in html and "nan" not in html.lower()
+    assert html == export_table(table, "html"), "the same table is the same page"
     assert latex.lstrip().startswith("\\begin{tabular}")
     for text in (html, latex):
         assert "adam" in text and "128" in text and "test" in text

@@ -178,8 +178,10 @@ def test_html_is_a_styled_page_with_the_notes_and_no_nan(store, tmp_path):
     run_cli("report", "--tracking-uri", uri, "--experiment", EXPERIMENT, "--group-by", "model,precision",
             "--output", str(output), "--plot", str(tmp_path / "charts"), cwd=folder, check=True)
     page = output.read_text()
-    assert page.startswith("<!DOCTYPE html>") and "<style>" in page and "<table>" in page
-    assert '<div class="scroll"><table>' in page, "a wide table scrolls in its own box, not the page"
+    assert page.startswith("<!DOCTYPE html>") and "<style>" in page and '<table id="T_sweepbench">' in page
+    box = page[page.index('<div class="scroll">'):]
+    assert box.index('<table id="T_sweepbench">') < box.index("</div>"), "a wide table scrolls in its own box"
+    assert "#T_sweepbench td.col" in page and "text-align: right" in page, "pandas' Styler aligns the numbers"
     assert page.count('<img src="data:image/png;base64,') == len(list((tmp_path / "charts").glob("*.png"))) == 2
     text = re.sub(r'<img src="data:image/png;base64,[^"]*"', "", page)  # base64 may spell anything
     assert "nan" not in text.lower() and "baseline: precision=fp32 (the default rule)" in page

@@ -23,7 +23,6 @@ ul.notes { color: #555; font-size: 0.9em; }
 table { border-collapse: collapse; font-size: 0.9em; }
 th, td { padding: 0.3em 0.7em; border-bottom: 1px solid #ddd; }
 th { background: #f3f3f3; text-align: left; position: sticky; top: 0; }
-td.number { text-align: right; font-variant-numeric: tabular-nums; }
 tr:hover td { background: #f7fbff; }
 div.scroll { max-width: 100%; overflow-x: auto; }
 figure { margin: 1.5em 0; } figure img { max-width: 100%; }
@@ -49,14 +48,20 @@ def _blank_missing(table: pd.DataFrame) -> pd.DataFrame:
     return table.astype(object).where(table.notna(), None)
 
 
-def _html_cell(value: Any) -> str:
-    if value is None or (isinstance(value, float) and pd.isna(value)):
-        return '<td class="number"></td>'
-    if isinstance(value, float):
-        return f'<td class="number">{value:.4g}</td>'
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f'<td class="number">{value}</td>'
-    return f"<td>{html.escape(str(value))}</td>"
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def styled_table(table: pd.DataFrame) -> str:
+    """The table as HTML by pandas' Styler: numbers to 4 significant digits and right-aligned, text escaped,
+    missing figures blank, no index; a fixed id, so the same table is the same page on every rerun."""
+    numeric = [column for column in table.columns
+               if pd.api.types.is_numeric_dtype(table[column]) and not pd.api.types.is_bool_dtype(table[column])]
+    styler = (table.reset_index(drop=True).style.hide(axis="index").set_uuid("sweepbench")
+              .format(_number, na_rep="", escape="html")
+              .set_table_styles({column: [{"selector": "td", "props": "text-align: right; "
+                                           "font-variant-numeric: tabular-nums"}] for column in numeric}))
+    return styler.to_html()
 
 
 def _embedded_image(path: Path) -> str:
@@ -68,15 +73,11 @@ def html_page(table: pd.DataFrame, title: str = "sweepbench comparison", notes: 
               images: Sequence[str | os.PathLike] = ()) -> str:
     """A self-contained page: the title, the notes, the table with numbers to 4 significant digits, and
     ``images`` (PNG charts) embedded, so that the one file can be sent or opened anywhere."""
-    header = "".join(f"<th>{html.escape(str(column))}</th>" for column in table.columns)
-    rows = "\n".join("<tr>" + "".join(_html_cell(value) for value in row) + "</tr>"
-                     for row in _blank_missing(table).itertuples(index=False))
     note_items = "".join(f"<li>{html.escape(note)}</li>" for note in notes)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{HTML_STYLE}</style></head>\n<body><h1>{html.escape(title)}</h1>\n"
             + (f'<ul class="notes">{note_items}</ul>\n' if notes else "")
-            + f'<div class="scroll"><table>\n<thead><tr>{header}</tr></thead>\n<tbody>\n{rows}\n</tbody>'
-            + "</table></div>\n"
+            + f'<div class="scroll">{styled_table(table)}</div>\n'
             + "".join(_embedded_image(path) for path in images) + "</body></html>")
 
 

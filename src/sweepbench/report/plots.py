@@ -42,7 +42,9 @@ def plot_learning_curve(history: Sequence[Any]) -> Any:
 
 
 def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> Any:
-    """Counts of (true class, predicted class) on the test set, shaded by row share."""
+    """Counts of (true class, predicted class) on the test set, shaded by row share: kept rather than
+    scikit-learn's ``ConfusionMatrixDisplay``, which shades by the numbers it prints, so it shows shares or counts
+    but not counts shaded by share."""
     import numpy as np
 
     counts = np.asarray(matrix)
