@@ -258,22 +258,26 @@ def test_a_pareto_study_records_both_objectives_and_its_front(tmp_path: Path, da
     assert "plots/pareto_front.png" in {item.path for item in plots}
 
 
-def wait_for_running_trial(directory: Path, name: str, process: subprocess.Popen,
-                           timeout: float = 180) -> optuna.trial.FrozenTrial:
-    """The first trial seen RUNNING with its MLflow run started, i.e. in the middle of training. Polls the
-    SQLite file read-only, so the test never races the command to create the database."""
+def wait_for_running_trial(directory: Path, name: str, process: subprocess.Popen, timeout: float = 180,
+                           members: int = 1) -> optuna.trial.FrozenTrial:
+    """The first trial seen RUNNING with its MLflow run started, i.e. in the middle of training; with
+    ``members``, once that many trials run and every running trial is linked to its run (a pack in training:
+    its members' runs are created one after another, so a kill any earlier finds one run not yet linked).
+    Polls the SQLite file read-only, so the test never races the command to create the database."""
     database = directory / "mlruns" / "studies" / f"{name}.db"
-    query = ("SELECT trials.number FROM trials JOIN trial_user_attributes USING (trial_id) "
-             f"WHERE trials.state = 'RUNNING' AND trial_user_attributes.key = '{RUN_ID_ATTR}'")
+    query = ("SELECT trials.number, trial_user_attributes.key IS NOT NULL FROM trials LEFT JOIN "
+             f"trial_user_attributes ON trial_user_attributes.trial_id = trials.trial_id AND "
+             f"trial_user_attributes.key = '{RUN_ID_ATTR}' WHERE trials.state = 'RUNNING' ORDER BY trials.number")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()[0]
         with contextlib.suppress(sqlite3.OperationalError), \
                 contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as connection:
-            row = connection.execute(query).fetchone()
-            if row:
+            running = connection.execute(query).fetchall()
+            linked = [number for number, has_run in running if has_run]
+            if linked and (members == 1 or (len(running) >= members and len(linked) == len(running))):
                 study = optuna.load_study(study_name=name, storage=sqlite_storage(directory, name))
-                return study.trials[row[0]]
+                return study.trials[linked[0]]
         time.sleep(0.05)
     raise AssertionError(f"no trial was seen running within {timeout} s")
 

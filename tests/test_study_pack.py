@@ -75,7 +75,7 @@ def test_a_killed_pack_is_queued_again_whole_and_the_resumed_study_ends_with_exa
     spec = packed_spec(tmp_path, "killedpack", n_trials=6, pack=3, epochs=4, subset=10000)
     args = study_args(spec, data_dir, "--heartbeat-interval", "1")
     process = start_cli(args, tmp_path)
-    wait_for_running_trial(tmp_path, "killedpack", process)
+    wait_for_running_trial(tmp_path, "killedpack", process, members=3)
     running = [trial.number for trial in optuna.load_study(
         study_name="killedpack", storage=sqlite_storage(tmp_path, "killedpack")).get_trials(
         states=(TrialState.RUNNING,))]
