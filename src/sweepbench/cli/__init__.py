@@ -64,7 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from ..tracking.connect import check_tracking_uri
 
                 args.tracking_uri = check_tracking_uri(args.tracking_uri,
-                                                       must_exist=args.command in ("report", "runs"))
+                                                       must_exist=args.command in ("report", "runs")
+                                                       or getattr(args, "study_command", "") == "compare-report")
             return args.handler(args)
     except (ConfigError, DataNotFoundError) as exc:
         print(f"sweepbench: error: {exc}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""The commands over many runs: ``ui``, ``report``, ``study run/show/export``, ``bench`` and ``runs reconcile``."""
+"""The commands over many runs: ``ui``, ``report``, ``study run/show/export``, ``bench``, ``runs reconcile``; the
+sampler comparison's ``study compare`` and ``compare-report`` are in ``compare``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from ..status import MlflowStatus
 from ..validators import choice
 
 PEOPLE_FORMATS = ("md", "html")  # a compact table by default; csv, json and latex hold every column
+from .compare import add_compare_parsers
 from .options import add_data_args, add_set_arg, add_system_metrics_arg, add_tracking_args, split_list, write_output
 
 
@@ -139,6 +141,7 @@ def add_study_parser(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--format", default="md", help="md, csv or html (also json, latex)")
     export.add_argument("--output", help="file to write (default: stdout)")
     export.set_defaults(handler=_study_export)
+    add_compare_parsers(study_commands)
 
 
 def _add_stored_study_args(parser: argparse.ArgumentParser) -> None:

@@ -1,5 +1,6 @@
 """The sampler comparison (issue 19): which search strategy to trust on a model and budget, over paired seeds.
 
-Built so far: ``stats``, the statistics (best-so-far curves, IQM with a bootstrap interval, area under the curve,
-Wilcoxon signed-rank verdicts with Holm's correction, mean ranks). Not built yet: the ``study compare`` command that
-runs one study per sampler and seed under a comparison parent run, and its report."""
+``spec`` (a study spec with a ``[compare]`` table: samplers, seeds, target; one member study per sampler x seed),
+``run`` (the members as normal studies under one comparison parent run in MLflow, resumable; the report logged
+to that run and rebuilt from the stores), ``results`` (what the member studies hold, read from Optuna's
+storage), ``report`` (the table, verdicts, conclusion and anytime curves) and ``stats`` (the statistics)."""

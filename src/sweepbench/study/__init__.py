@@ -63,7 +63,7 @@ class StudyOutcome:
         from .registry import describe_registered_model
 
         store = Store(self.job.tracking_uri)
-        ui = browse_hint(self.job.tracking_uri, store.experiment(self.job.spec.name))
+        ui = browse_hint(self.job.tracking_uri, store.experiment(self.job.experiment))
         return "\n".join([
             describe_study(self.study), "",
             f"{self.reason()} in {self.wall_seconds:.0f} s ({self.trials_per_minute:.1f} finished trials/min); "

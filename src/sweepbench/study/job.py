@@ -38,11 +38,19 @@ class StudyJob:
     new_spec_version: bool = False  # record a changed spec as the study's next version (``identity``)
     spec_version: int | None = None  # the version this job works under, once the study is loaded
     system_metrics: bool = True  # MLflow's system metrics on the parent run (``tracking.system``)
+    comparison: str | None = None  # the sampler comparison this study belongs to (``compare``): its experiment
+    comparison_run_id: str | None = None  # the comparison's parent run, this study's parent run's parent
+
+    @property
+    def experiment(self) -> str:
+        """The MLflow experiment of the study's runs: the study's name, or its comparison's."""
+        return self.comparison or self.spec.name
 
 
 def make_job(spec: StudySpec, storage_url: str | None = None, tracking_uri: str | None = None,
              workers: int = 1, heartbeat_interval: int | None = None, new_spec_version: bool = False,
-             system_metrics: bool = True) -> StudyJob:
+             system_metrics: bool = True, comparison: str | None = None,
+             comparison_run_id: str | None = None) -> StudyJob:
     """Fills in the defaults (the study's SQLite file in ``mlruns/studies/``, the embedded MLflow store, the
     checkpoints beside the study's file unless the spec sets ``checkpoint_dir``) and checks, creating nothing,
     that the storage opens, the checkpoint folder can be written and the workers fit this machine."""
@@ -56,7 +64,8 @@ def make_job(spec: StudySpec, storage_url: str | None = None, tracking_uri: str 
     checkpoint_root = str(Path(spec.base_config.checkpoint_dir or Path.cwd() / STUDIES_DIR / spec.name).resolve())
     writable_folder("checkpoint_dir", checkpoint_root)
     return StudyJob(spec, storage_url, resolve_tracking_uri(tracking_uri), checkpoint_root, heartbeat_interval,
-                    workers, new_spec_version, system_metrics=system_metrics)
+                    workers, new_spec_version, system_metrics=system_metrics, comparison=comparison,
+                    comparison_run_id=comparison_run_id)
 
 
 def max_workers() -> int:

@@ -51,8 +51,10 @@ def _create_parent_run(store: Store, job: StudyJob) -> str:
               "objectives": ", ".join(f"{o.metric} ({o.direction})" for o in spec.objectives),
               "sampler": spec.sampler, "sampler_seed": spec.sampler_seed, "pruner": spec.pruner,
               "pruner_options": spec.pruner_options, "search_space": search[:MAX_MESSAGE_LENGTH]}
-    experiment_id = store.experiment(spec.name, spec.description or None)
-    return store.start_run(experiment_id, f"study-{spec.name}", "study", tags, params)
+    if job.comparison:
+        tags["sweepbench.comparison"] = job.comparison
+    experiment_id = store.experiment(job.experiment, None if job.comparison else spec.description or None)
+    return store.start_run(experiment_id, f"study-{spec.name}", "study", tags, params, job.comparison_run_id)
 
 
 RECONCILED_TAG = "sweepbench.reconciled"
@@ -66,7 +68,7 @@ def reconcile(study: optuna.Study, job: StudyJob, store: Store, parent_run_id: s
     trials = study.get_trials(deepcopy=False)
     by_number = {trial.number: trial for trial in trials}
     linked = {trial.user_attrs.get(RUN_ID_ATTR): trial for trial in trials}
-    experiment_id = store.experiment(job.spec.name)
+    experiment_id = store.experiment(job.experiment)
     runs = store.child_runs([experiment_id], parent_run_id)
     numbers = {run.info.run_id: _trial_number(run) for run in runs}
     touched = 0
@@ -129,7 +131,8 @@ BEST_MODEL_TAG = "best_model_uri"
 def log_study_outcome(study: optuna.Study, job: StudyJob, store: Store, parent_run_id: str) -> None:
     """Logs the study's outcome to its parent run: trial counts, the best trial (number, params, values,
     checkpoint, its model registered: ``registry``), a description naming them, the trials table as CSV,
-    Optuna's plots as PNG."""
+    Optuna's plots as PNG. A comparison's member study registers no model and makes no plots: it measures its
+    sampler, and its comparison's run has the curves (``compare``)."""
     trials = study.get_trials(deepcopy=False)
     counts = {f"n_{state.name.lower()}": sum(t.state == state for t in trials) for state in TrialState}
     metrics: dict[str, float] = dict(counts)
@@ -144,7 +147,7 @@ def log_study_outcome(study: optuna.Study, job: StudyJob, store: Store, parent_r
         _log_checkpoint(store, parent_run_id, best, tags)
     if len(study.directions) > 1:
         tags["pareto_trial_numbers"] = ",".join(str(trial.number) for trial in study.best_trials)
-    model_uri = register_best_model(study, job, store)
+    model_uri = None if job.comparison else register_best_model(study, job, store)
     if model_uri:
         tags[BEST_MODEL_TAG] = model_uri
     tags[DESCRIPTION_TAG] = describe_outcome(job, trials, best, model_uri)
@@ -153,7 +156,8 @@ def log_study_outcome(study: optuna.Study, job: StudyJob, store: Store, parent_r
     if Path(job.spec.source).is_file():
         store.log_artifact(parent_run_id, job.spec.source, "spec" if job.spec_version == 1 else
                            f"spec/v{job.spec_version}")
-    _log_plots(store, parent_run_id, study, job.spec)
+    if not job.comparison:
+        _log_plots(store, parent_run_id, study, job.spec)
 
 
 def describe_outcome(job: StudyJob, trials: list[FrozenTrial], best: FrozenTrial | None,

@@ -3,7 +3,7 @@
 A spec is ``name``, ``model``, ``dataset`` and the tables ``[train]`` (fixed ``RunConfig`` fields),
 ``[objective]`` (one table, or an array of two for a Pareto study), ``[sampler]``, ``[pruner]``, ``[budget]``
 and ``[search.<field>]``, where ``<field>`` is any ``RunConfig`` field or ``model_kwargs.<arg>`` /
-``dataset_kwargs.<arg>``. Every error names the file, the field and the allowed values.
+``dataset_kwargs.<arg>``; ``[compare]`` is a sampler comparison's (``compare.spec``). Every error names the file, the field and the allowed values.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ DIRECTIONS = ("maximize", "minimize")
 METRIC_DIRECTIONS = {"val_accuracy": "maximize", "val_loss": "minimize", "train_seconds": "minimize"}
 EPOCH_METRICS = ("val_accuracy", "val_loss")
 
-TOP_KEYS = ("name", "description", "model", "dataset", "train", "objective", "sampler", "pruner", "budget", "search")
+TOP_KEYS = ("name", "description", "model", "dataset", "train", "objective", "sampler", "pruner", "budget", "search",
+            "compare")  # [compare] is read by ``sweepbench study compare`` (``compare.spec``); a study ignores it
 SAMPLER_KEYS = ("name", "seed", "n_startup_trials")
 PRUNER_KEYS = {"median": ("name", "n_startup_trials", "n_warmup_steps"),
                "hyperband": ("name", "min_resource", "reduction_factor"),

@@ -21,6 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .. import engine
 from ..config import RunConfig
+from ..engine.fused.pack import PACK_SIZE_TAG
 from ..models import check_config
 from ..retry import ServiceUnavailable
 from ..status import RunStatus
@@ -73,6 +74,7 @@ class TrialCallback(engine.Callback):
     def __init__(self, trial: optuna.Trial, mlflow_logger: MlflowLogger, prune_metric: str | None) -> None:
         self.trial, self.logger, self.prune_metric = trial, mlflow_logger, prune_metric
         self.seconds = 0.0
+        self.pack_size = 1  # the trials trained with this one as one fused pack, itself included
         self.stale = False  # failed as stale by another worker while this one was paused
 
     @contextlib.contextmanager
@@ -87,6 +89,8 @@ class TrialCallback(engine.Callback):
         with self._timed():
             self.logger.on_train_start(context)
             self._link_run()
+        if context.pack:
+            self.pack_size = int(context.pack[PACK_SIZE_TAG])
 
     def _link_run(self) -> None:
         """The trial's link to its MLflow run, once the run exists (late, when the tracking store was down)."""
@@ -144,7 +148,7 @@ def _record_failed_run(job: StudyJob, trial: optuna.Trial, parent_run_id: str, m
     settings with the trial's parameters over them, as params."""
     store = Store(job.tracking_uri)
     params = {**config_params(job.spec.base_config), **{name: str(value) for name, value in trial.params.items()}}
-    run_id = store.start_run(store.experiment(job.spec.name), trial_run_name(trial), "trial",
+    run_id = store.start_run(store.experiment(job.experiment), trial_run_name(trial), "trial",
                              {**trial_tags(job.spec, trial, job.spec_version), "status": str(RunStatus.FAILED)},
                              params, parent_run_id)
     store.fail_run(run_id, message)
@@ -153,10 +157,13 @@ def _record_failed_run(job: StudyJob, trial: optuna.Trial, parent_run_id: str, m
 
 def _record_result(trial: optuna.Trial, result: engine.RunResult, callback: TrialCallback) -> None:
     """``engine_seconds`` is the engine's own time (data, model, training, evaluation), without the callbacks'
-    bookkeeping: against the trial's duration in Optuna (ask to tell), it gives the bookkeeping share."""
+    bookkeeping: against the trial's duration in Optuna (ask to tell), it gives the bookkeeping share. A fused
+    pack's members each record the pack's ``train_seconds`` and its ``pack_size`` (their share: the one over the
+    other)."""
     attrs = {"epochs_run": len(result.history), "best_epoch": result.best_epoch,
              "test_accuracy": result.test_accuracy, "train_seconds": result.train_seconds,
-             "engine_seconds": result.wall_seconds - callback.seconds, "checkpoint": result.checkpoints.get("best")}
+             "engine_seconds": result.wall_seconds - callback.seconds, "checkpoint": result.checkpoints.get("best"),
+             "pack_size": callback.pack_size}
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
 
@@ -220,7 +227,7 @@ def _prepare(study: optuna.Study, trial: optuna.Trial, job: StudyJob, parent_run
     spec = job.spec
     trial.set_user_attr(WORKER_ATTR, f"{platform.node()}:{os.getpid()}")
     trial.set_user_attr(VERSION_ATTR, job.spec_version)
-    mlflow_logger = MlflowLogger(spec.name, job.tracking_uri, run_name=trial_run_name(trial),
+    mlflow_logger = MlflowLogger(job.experiment, job.tracking_uri, run_name=trial_run_name(trial),
                                  parent_run_id=parent_run_id, tags=trial_tags(spec, trial, job.spec_version),
                                  log_model=False, log_artifacts=False, kind="trial")
     single_epoch_metric = len(spec.objectives) == 1 and spec.metric_names[0] in EPOCH_METRICS

@@ -14,7 +14,8 @@ Every run that trains (a ``train`` run, a study trial, a benchmark repeat) has:
   ``time_to_target_seconds``, ``peak_memory_mb``, ``train_seconds``, ``total_seconds``, ``epoch_logging_seconds``.
 
 Runs that summarise others carry ``sweepbench.kind`` = ``study`` (a study's parent), ``bench`` (a benchmark's
-parent) or ``cell`` (one benchmark cell over its repeats); reports leave them out unless asked for. Stores
+parent), ``cell`` (one benchmark cell over its repeats) or ``comparison`` (a sampler comparison's parent,
+over its studies' parent runs); reports leave them out unless asked for. Stores
 written before the tag existed are read by ``run_kind``.
 """
 
@@ -29,7 +30,7 @@ from ..hardware import environment_tags
 
 KIND_TAG = "sweepbench.kind"
 TRAINING_KINDS = ("train", "trial", "repeat")
-SUMMARY_KINDS = ("study", "bench", "cell")
+SUMMARY_KINDS = ("study", "bench", "cell", "comparison")
 RUN_KINDS = TRAINING_KINDS + SUMMARY_KINDS
 
 

@@ -20,6 +20,7 @@ MEMBER_FIELDS = ("lr", "lr_gamma", "momentum", "nesterov", "weight_decay", "opti
 OTHER_FIELDS = ("download", "resume")
 PACK_TAG_PREFIX = "sweepbench."
 FUSED_TAG = f"{PACK_TAG_PREFIX}fused"  # "true" on a member of a pack; the tracking layer logs "false" on others
+PACK_SIZE_TAG = f"{PACK_TAG_PREFIX}pack_size"
 SCALED = [name for name in PRECISIONS.in_order() if uses_grad_scaler(name)]  # precisions with a GradScaler
 
 
@@ -108,5 +109,5 @@ def pack_tags(pack_id: str, size: int, member: int) -> dict[str, str]:
     """What ``TrainContext.pack`` holds for member ``member`` of a pack of ``size``: tags for the tracker. A
     member's epoch_seconds is the pack's epoch time (``epoch_time``: pack)."""
     return {FUSED_TAG: "true", f"{PACK_TAG_PREFIX}pack_id": pack_id,
-            f"{PACK_TAG_PREFIX}pack_size": str(size), f"{PACK_TAG_PREFIX}pack_member": str(member),
+            PACK_SIZE_TAG: str(size), f"{PACK_TAG_PREFIX}pack_member": str(member),
             f"{PACK_TAG_PREFIX}epoch_time": "pack"}

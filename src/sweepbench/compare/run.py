@@ -1,0 +1,164 @@
+"""Runs a comparison: every sampler x seed member as a normal study (exactly N, resume, workers, the spec's
+pruner), seed by seed, under one comparison parent run in MLflow; then the report, logged to that run. A rerun
+resumes: finished members are skipped, a cut one resumes as any study does, and the parent run is reopened. The
+report can be rebuilt from the stores alone (``report_from_store``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import ConfigError
+from ..report.export import export_table
+from ..status import MlflowStatus
+from ..study import StudyJob, make_job, run_study
+from ..study.coordination import Tally
+from ..study.spec import parse_spec
+from ..tracking import Store
+from .. import tomlcheck
+from ..tracking.store import DESCRIPTION_TAG
+from .report import ComparisonReport, build_report, curves_figure, paired_seeds
+from .results import MemberResult, load_member, load_results
+from .spec import Comparison, parse_comparison
+
+log = logging.getLogger(__name__)
+
+COMPARISON_TAG = "sweepbench.comparison"
+SPEC_ARTIFACT = "spec/comparison.toml"
+TABLE_FORMATS = ("md", "csv", "json", "html")
+
+
+@dataclass
+class ComparisonOutcome:
+    comparison: Comparison
+    run_id: str
+    status: str
+    report: ComparisonReport | None
+    wall_seconds: float
+
+
+def plan_params(comparison: Comparison) -> dict[str, str]:
+    """What the comparison's parent run records of its plan: a rerun with another plan is refused."""
+    return {"samplers": ",".join(comparison.samplers), "seeds": ",".join(map(str, comparison.seeds)),
+            "n_trials": str(comparison.study.target_trials()),
+            "target": "" if comparison.target is None else repr(comparison.target),
+            "objective": f"{comparison.study.metric_names[0]} ({comparison.direction})"}
+
+
+def member_jobs(comparison: Comparison, storage_url: str | None, tracking_uri: str | None, workers: int,
+                heartbeat_interval: int | None) -> dict[tuple[str, int], StudyJob]:
+    """Every member's job, made (and so checked) before any study or run exists."""
+    return {(sampler, seed): make_job(comparison.member_spec(sampler, seed), storage_url, tracking_uri, workers,
+                                      heartbeat_interval, system_metrics=False, comparison=comparison.name)
+            for sampler, seed in comparison.members()}
+
+
+def run_comparison(comparison: Comparison, spec_text: str, storage_url: str | None = None,
+                   tracking_uri: str | None = None, workers: int = 1,
+                   heartbeat_interval: int | None = None) -> ComparisonOutcome:
+    started = time.perf_counter()
+    jobs = member_jobs(comparison, storage_url, tracking_uri, workers, heartbeat_interval)
+    store = Store(next(iter(jobs.values())).tracking_uri)
+    run_id = open_comparison_run(store, comparison, spec_text)
+    report = None
+    with store.lifecycle(run_id) as outcome:
+        for index, (member, job) in enumerate(jobs.items(), 1):
+            finished, line = _run_member(dataclasses.replace(job, comparison_run_id=run_id), member, storage_url,
+                                         comparison)
+            log.info(f"[{index}/{len(jobs)}] study {job.spec.name}: {line}")
+            if not finished:
+                outcome.status = MlflowStatus.FAILED
+        results = load_results(comparison, storage_url)
+        if paired_seeds(comparison, results):
+            report = build_report(comparison, results)
+            publish(store, run_id, report, results)
+            outcome.tags = {DESCRIPTION_TAG: report.conclusion}
+    return ComparisonOutcome(comparison, run_id, outcome.status, report, time.perf_counter() - started)
+
+
+def _run_member(job: StudyJob, member: tuple[str, int], storage_url: str | None,
+                comparison: Comparison) -> tuple[bool, str]:
+    """Runs (or resumes) one member study; whether it reached its target, and a line saying how it ended."""
+    study = load_member(comparison, *member, storage_url)
+    if study is not None:
+        tally = Tally.of(study.get_trials(deepcopy=False))
+        if tally.finished >= job.spec.target_trials() and not tally.running:
+            return True, f"already at {tally.finished} finished trials"
+    outcome = run_study(job)
+    return outcome.status == MlflowStatus.FINISHED, f"{outcome.reason()} in {outcome.wall_seconds:.0f} s"
+
+
+def open_comparison_run(store: Store, comparison: Comparison, spec_text: str) -> str:
+    """The comparison's parent run: the one in its experiment, reopened, or a new one with the plan as params and
+    the spec as an artifact. A plan that differs from the recorded one is refused in one line."""
+    experiment_id = store.experiment(comparison.name, comparison.study.description or None)
+    existing = find_comparison_run(store, comparison.name)
+    params = plan_params(comparison)
+    if existing is not None:
+        recorded = {key: existing.data.params.get(key) for key in params}
+        changed = [f"{key} {recorded[key]!r} (now {value!r})" for key, value in params.items()
+                   if recorded[key] != value]
+        if changed:
+            raise ConfigError(f"compare: comparison {comparison.name!r} was run with {'; '.join(changed)}; "
+                              "rerun it with the same plan, or give the spec another name")
+        store.reopen(existing.info.run_id)
+        return existing.info.run_id
+    run_id = store.start_run(experiment_id, f"comparison-{comparison.name}", "comparison",
+                             {COMPARISON_TAG: comparison.name}, params)
+    store.log_text(run_id, spec_text, SPEC_ARTIFACT)
+    return run_id
+
+
+def find_comparison_run(store: Store, name: str):
+    experiment = store.client.get_experiment_by_name(name)
+    if experiment is None:
+        return None
+    runs = store.client.search_runs([experiment.experiment_id], f"tags.`{COMPARISON_TAG}` = '{name}' AND "
+                                    "tags.`sweepbench.kind` = 'comparison'", order_by=["attributes.start_time ASC"])
+    return runs[0] if runs else None
+
+
+def publish(store: Store, run_id: str, report: ComparisonReport, results: list[MemberResult]) -> None:
+    """The report on the parent run: per-sampler metrics, the table in every format, the verdicts, the curves."""
+    metrics = {f"{column}.{row['sampler']}": row[column] for row in report.table.to_dict("records")
+               for column in ("final_best_iqm", "auc_iqm", "mean_rank")}
+    store.log(run_id, metrics=metrics, tags={"conclusion": report.conclusion})
+    for fmt in TABLE_FORMATS:
+        store.log_text(run_id, render(report, fmt), f"comparison.{fmt}")
+    store.log_figure(run_id, curves_figure(report.comparison, results, report.paired_seeds), "curves.png")
+
+
+def render(report: ComparisonReport, fmt: str) -> str:
+    """The table; md adds the notes (verdicts and conclusion) below it, html puts them in the page."""
+    text = export_table(report.table, fmt, notes=report.notes(), title=f"comparison {report.comparison.name}")
+    if fmt == "md":
+        text += "\n\n" + "\n".join(f"- {note}" for note in report.notes())
+    return text
+
+
+def comparison_from_store(store: Store, name: str) -> Comparison:
+    """The comparison as its parent run recorded it: the spec it logged and the plan in its params."""
+    run = find_comparison_run(store, name)
+    if run is None:
+        names = sorted(store.experiment_names().values())
+        raise ConfigError(f"compare-report: no comparison {name!r} in the MLflow store; experiments there: "
+                          f"{', '.join(names) or 'none'}")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(store.client.download_artifacts(run.info.run_id, SPEC_ARTIFACT, folder))
+        data, _ = tomlcheck.read_toml(path, "study spec")
+    params = run.data.params
+    study = parse_spec(data, f"{name} (logged spec)").with_overrides(n_trials=int(params["n_trials"]))
+    comparison = parse_comparison(study, {}, params["samplers"].split(","), len(params["seeds"].split(",")),
+                                  float(params["target"]) if params["target"] else None)
+    return dataclasses.replace(comparison, seeds=tuple(int(seed) for seed in params["seeds"].split(",")))
+
+
+def report_from_store(name: str, tracking_uri: str | None, storage_url: str | None
+                      ) -> tuple[ComparisonReport, list[MemberResult]]:
+    comparison = comparison_from_store(Store(tracking_uri), name)
+    results = load_results(comparison, storage_url)
+    return build_report(comparison, results), results
