@@ -101,7 +101,8 @@ def test_seed_s_gives_every_sampler_the_same_random_start_and_training_seed(comp
         tpe, random = studies["tpe", seed], studies["random", seed]
         assert [trial.params for trial in tpe.trials[:startup]] == [trial.params for trial in random.trials[:startup]]
     assert studies["random", 7].trials[0].params != studies["random", 8].trials[0].params
-    assert [trial.params for trial in studies["tpe", 7].trials] != [trial.params for trial in studies["random", 7].trials]
+    tpe_trials, random_trials = studies["tpe", 7].trials, studies["random", 7].trials
+    assert [trial.params for trial in tpe_trials] != [trial.params for trial in random_trials], "TPE took over"
     client = MlflowClient(sqlite_tracking(directory))
     for (sampler, seed), study in studies.items():
         assert_exactly(study, 4)

@@ -55,5 +55,6 @@ def test_wilcoxon_verdicts_on_paired_seeds_match_scipy_and_name_the_better_sampl
 
 def test_mean_ranks_share_ties_and_order_best_first() -> None:
     scores = {"a": [0.9, 0.8, 0.7], "b": [0.9, 0.9, 0.9], "c": [0.1, 0.1, 0.1]}
-    assert mean_ranks(scores) == {"b": pytest.approx(3.5 / 3), "a": pytest.approx(5.5 / 3), "c": 3.0}  # a, b tie on seed 0
+    # a and b tie on seed 0
+    assert mean_ranks(scores) == {"b": pytest.approx(3.5 / 3), "a": pytest.approx(5.5 / 3), "c": 3.0}
     assert list(mean_ranks(scores)) == ["b", "a", "c"]

@@ -104,16 +104,28 @@ def conclusion(order: list[str], verdicts: list[Verdict], pairs: int, n_trials: 
     beaten = [_other(verdict, leader) for verdict in finals if verdict.outcome == f"{leader} better"]
     rest = [name for name in order[1:] if name not in beaten]
     if not beaten:
-        return (f"{budget}, the differences are within seed noise: no sampler's final best beats another's "
-                f"(Wilcoxon, Holm, 5%); mean-rank order {', '.join(order)}")
+        others = [_beats(verdict) for verdict in finals if verdict.outcome != "no difference"]
+        if not others:
+            return (f"{budget}, the differences are within seed noise: no sampler's final best beats another's "
+                    f"(Wilcoxon, Holm, 5%); mean-rank order {', '.join(order)}")
+        return (f"no sampler wins {budget}: {leader} ranks first but is within seed noise of the others; beyond "
+                f"it (Holm, 5%): {'; '.join(others)}")
+    others = [_beats(verdict) for verdict in finals if verdict.outcome != "no difference"
+              and leader not in (verdict.first, verdict.second)]
+    also = f"; also beyond it: {'; '.join(others)}" if others else ""
     if not rest:
-        return f"{leader} wins {budget}: its final best beats {', '.join(beaten)} beyond seed noise (Holm, 5%)"
+        return f"{leader} wins {budget}: its final best beats {', '.join(beaten)} beyond seed noise (Holm, 5%){also}"
     return (f"{leader} ranks first {budget}: it beats {', '.join(beaten)} beyond seed noise (Holm, 5%); against "
-            f"{', '.join(rest)} the difference is within seed noise")
+            f"{', '.join(rest)} the difference is within seed noise{also}")
 
 
 def _other(verdict: Verdict, name: str) -> str:
     return verdict.second if verdict.first == name else verdict.first
+
+
+def _beats(verdict: Verdict) -> str:
+    winner = verdict.outcome.removesuffix(" better")
+    return f"{winner} beats {_other(verdict, winner)}"
 
 
 def curves_figure(comparison: Comparison, results: list[MemberResult], paired: tuple[int, ...]):

@@ -5,12 +5,15 @@ report can be rebuilt from the stores alone (``report_from_store``)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from ..config import ConfigError
 from ..report.export import export_table
@@ -30,6 +33,7 @@ log = logging.getLogger(__name__)
 COMPARISON_TAG = "sweepbench.comparison"
 SPEC_ARTIFACT = "spec/comparison.toml"
 TABLE_FORMATS = ("md", "csv", "json", "html")
+PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
 @dataclass
@@ -147,7 +151,7 @@ def comparison_from_store(store: Store, name: str) -> Comparison:
         names = sorted(store.experiment_names().values())
         raise ConfigError(f"compare-report: no comparison {name!r} in the MLflow store; experiments there: "
                           f"{', '.join(names) or 'none'}")
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, _no_progress_bar():
         path = Path(store.client.download_artifacts(run.info.run_id, SPEC_ARTIFACT, folder))
         data, _ = tomlcheck.read_toml(path, "study spec")
     params = run.data.params
@@ -155,6 +159,20 @@ def comparison_from_store(store: Store, name: str) -> Comparison:
     comparison = parse_comparison(study, {}, params["samplers"].split(","), len(params["seeds"].split(",")),
                                   float(params["target"]) if params["target"] else None)
     return dataclasses.replace(comparison, seeds=tuple(int(seed) for seed in params["seeds"].split(",")))
+
+
+@contextlib.contextmanager
+def _no_progress_bar() -> Iterator[None]:
+    """MLflow draws a download progress bar on stderr, for one small file too."""
+    saved = os.environ.get(PROGRESS_BAR_ENV)
+    os.environ[PROGRESS_BAR_ENV] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(PROGRESS_BAR_ENV)
+        else:
+            os.environ[PROGRESS_BAR_ENV] = saved
 
 
 def report_from_store(name: str, tracking_uri: str | None, storage_url: str | None

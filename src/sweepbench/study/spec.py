@@ -3,7 +3,8 @@
 A spec is ``name``, ``model``, ``dataset`` and the tables ``[train]`` (fixed ``RunConfig`` fields),
 ``[objective]`` (one table, or an array of two for a Pareto study), ``[sampler]``, ``[pruner]``, ``[budget]``
 and ``[search.<field>]``, where ``<field>`` is any ``RunConfig`` field or ``model_kwargs.<arg>`` /
-``dataset_kwargs.<arg>``; ``[compare]`` is a sampler comparison's (``compare.spec``). Every error names the file, the field and the allowed values.
+``dataset_kwargs.<arg>``; ``[compare]`` is a sampler comparison's (``compare.spec``). Every error names the file,
+the field and the allowed values.
 """
 
 from __future__ import annotations
