@@ -49,8 +49,7 @@ class StudyJob:
 
 def make_job(spec: StudySpec, storage_url: str | None = None, tracking_uri: str | None = None,
              workers: int = 1, heartbeat_interval: int | None = None, new_spec_version: bool = False,
-             system_metrics: bool = True, comparison: str | None = None,
-             comparison_run_id: str | None = None) -> StudyJob:
+             system_metrics: bool = True, comparison: str | None = None) -> StudyJob:
     """Fills in the defaults (the study's SQLite file in ``mlruns/studies/``, the embedded MLflow store, the
     checkpoints beside the study's file unless the spec sets ``checkpoint_dir``) and checks, creating nothing,
     that the storage opens, the checkpoint folder can be written and the workers fit this machine."""
@@ -64,8 +63,7 @@ def make_job(spec: StudySpec, storage_url: str | None = None, tracking_uri: str 
     checkpoint_root = str(Path(spec.base_config.checkpoint_dir or Path.cwd() / STUDIES_DIR / spec.name).resolve())
     writable_folder("checkpoint_dir", checkpoint_root)
     return StudyJob(spec, storage_url, resolve_tracking_uri(tracking_uri), checkpoint_root, heartbeat_interval,
-                    workers, new_spec_version, system_metrics=system_metrics, comparison=comparison,
-                    comparison_run_id=comparison_run_id)
+                    workers, new_spec_version, system_metrics=system_metrics, comparison=comparison)
 
 
 def max_workers() -> int:
