@@ -61,7 +61,7 @@ class RunConfig:
     weight_decay: float = setting(0.0, help="weight decay")
     lr_gamma: float = setting(1.0, help="learning-rate decay per epoch (StepLR)")
     batch_size: int = setting(64, help="training batch size")
-    eval_batch_size: int = setting(1000, help="evaluation batch size")
+    eval_batch_size: int = setting(128, help="evaluation batch size")
     epochs: int = setting(1, help="epochs")
     seed: int = setting(0, help="seed of initialisation and data order")
     device: str = setting("auto", help="device", choices=DEVICES, bench=BENCH_GRID)

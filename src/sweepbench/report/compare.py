@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import pandas as pd
-from scipy import stats
 
 from ..devices import baseline_device
 from ..precisions import baseline_precision
@@ -118,6 +117,8 @@ def _pooled_settings(runs: pd.DataFrame, frame: pd.DataFrame, keys: list[str]) -
 
 
 def _mean_interval(values: pd.Series) -> tuple[float, float]:
+    from scipy import stats  # here, not at the top: a `train` run imports this package for its plots (0.5 s)
+
     values = values.dropna()
     if len(values) < 2:
         return math.nan, math.nan
