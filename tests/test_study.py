@@ -129,6 +129,11 @@ def assert_exactly(study: optuna.Study, n_trials: int) -> None:
     assert not study.get_trials(states=(TrialState.RUNNING,))
 
 
+def failures(study: optuna.Study) -> dict[int, str]:
+    """The FAIL trials' numbers with the error each recorded: what an assertion that none failed shows."""
+    return {trial.number: trial.user_attrs.get("error", "") for trial in study.get_trials(states=(TrialState.FAIL,))}
+
+
 def run_in_process(directory: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, name: str,
                    **spec_args) -> optuna.Study:
     """Runs a small study in this process (no start-up cost), from ``directory``; it must reach its target."""
@@ -365,6 +370,7 @@ def test_two_local_workers_share_one_storage_and_stop_at_exactly_n(tmp_path: Pat
     assert completed.returncode == 0, completed.stdout + completed.stderr
     study = optuna.load_study(study_name="parallel", storage=sqlite_storage(tmp_path, "parallel"))
     assert_exactly(study, 5)
+    assert not failures(study)
     assert [trial.number for trial in study.trials] == list(range(5))
     assert len({trial.user_attrs[WORKER_ATTR] for trial in study.trials}) == 2, "both workers ran trials"
     parent, _ = assert_runs_match_trials(study, sqlite_tracking(tmp_path))
@@ -404,6 +410,7 @@ def test_workers_on_two_commands_share_a_postgresql_study_and_an_mlflow_server(
     assert [worker.returncode for worker in workers] == [0, 0], outputs
     study = optuna.load_study(study_name="distributed", storage=normalize_storage_url(postgres_url))
     assert_exactly(study, 5)
+    assert not failures(study)
     assert [trial.number for trial in study.trials] == list(range(5))
     assert len({trial.user_attrs[WORKER_ATTR] for trial in study.trials}) == 2, "both workers ran trials"
     parent, _ = assert_runs_match_trials(study, tracking_server)

@@ -10,8 +10,8 @@ import pytest
 from optuna.trial import TrialState
 
 from tests.conftest import run_cli
-from tests.test_study import (assert_exactly, assert_runs_match_trials, sqlite_storage, sqlite_tracking, start_cli,
-                              study_args, wait_for_running_trial, write_spec)
+from tests.test_study import (assert_exactly, assert_runs_match_trials, failures, sqlite_storage, sqlite_tracking,
+                              start_cli, study_args, wait_for_running_trial, write_spec)
 from sweepbench.study import RETRY_HISTORY
 
 pytestmark = pytest.mark.slow
@@ -64,7 +64,7 @@ def test_a_packed_study_with_two_workers_ends_with_exactly_n_trials_each_its_own
     assert completed.returncode == 0, completed.stdout + completed.stderr
     study = optuna.load_study(study_name="packed", storage=sqlite_storage(tmp_path, "packed"))
     assert_exactly(study, 7)
-    assert not study.get_trials(states=(TrialState.FAIL,))
+    assert not failures(study)
     parent, children = assert_runs_match_trials(study, sqlite_tracking(tmp_path))
     assert parent.info.status == "FINISHED"
     assert_members_fused(study, children)

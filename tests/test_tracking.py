@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -349,3 +350,42 @@ def test_ui_serves_the_project_store_on_localhost_and_stops_on_ctrl_c(tmp_path):
     assert process.returncode == 130
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+def log_splits_at_once(tracking_uri: str, train_subset: int, runs: int = 2) -> list[BaseException]:
+    """``runs`` new runs (a study's workers) log the same new training and validation splits at the same moment;
+    returns the errors they met."""
+    from sweepbench.tracking.datasets import TRAINING, VALIDATION, log_splits
+    from sweepbench.tracking.store import Store
+
+    dataset = load_dataset("synthetic", val_size=100, num_classes=4, image_shape=(1, 8, 8))
+    config = RunConfig(dataset="synthetic", train_subset=train_subset)
+    store = Store(tracking_uri)
+    experiment_id = store.experiment("dataset-race")
+    run_ids = [store.start_run(experiment_id, f"worker-{index}", "train") for index in range(runs)]
+    barrier, errors = threading.Barrier(runs), []
+
+    def log(run_id: str) -> None:
+        barrier.wait()
+        try:
+            log_splits(Store(tracking_uri), run_id, dataset, config, (TRAINING, VALIDATION))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=log, args=(run_id,)) for run_id in run_ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for run_id in run_ids:
+        assert errors or set(logged_splits(store.client, run_id)) == {TRAINING, VALIDATION}
+    return errors
+
+
+@pytest.mark.parametrize("where", ["sqlite", "server"])
+def test_workers_logging_a_new_dataset_at_once_all_succeed(where, store, tracking_server):
+    """MLflow checks for a dataset, then inserts it: two workers logging a new one at once both insert, and one
+    met the primary key (a whole fused pack FAILed on it in CI). Each round is a new dataset (its own digest)."""
+    tracking_uri = store if where == "sqlite" else tracking_server
+    errors = [error for rounds in range(1, 6) for error in log_splits_at_once(tracking_uri, 1000 + rounds, runs=3)]
+    assert not errors, [f"{type(error).__name__}: {str(error)[:200]}" for error in errors]

@@ -55,5 +55,6 @@ def dataset_input(dataset: Dataset, config: RunConfig, split: str) -> DatasetInp
 
 
 def log_splits(store: Store, run_id: str, dataset: Dataset, config: RunConfig, splits: tuple[str, ...]) -> None:
-    """Logs ``splits`` of ``dataset`` as ``run_id``'s inputs (MLflow ignores an input the run already has)."""
+    """Logs ``splits`` of ``dataset`` as ``run_id``'s inputs (MLflow ignores an input the run already has; a
+    dataset that another worker inserted at the same moment is found on a second try: ``RetryingClient``)."""
     store.client.log_inputs(run_id, datasets=[dataset_input(dataset, config, split) for split in splits])

@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
@@ -106,15 +106,36 @@ for _name, _value in MLFLOW_HTTP_DEFAULTS.items():
     os.environ.setdefault(_name, _value)
 
 
+# Writes that MLflow makes by looking a row up and inserting it when missing: two processes making the same one at
+# once (a study's workers logging a new dataset, tagging the experiment) both insert, and one fails on the key.
+UPSERTS = frozenset({"log_inputs", "set_experiment_tag"})
+DUPLICATE_KEY_TEXTS = ("IntegrityError", "UniqueViolation", "UNIQUE constraint failed", "duplicate key",
+                       "Duplicate entry")  # SQLite, PostgreSQL and MySQL through SQLAlchemy, locally or via a server
+
+
 class RetryingClient:
-    """An ``MlflowClient`` whose every call goes through the retry policy (``sweepbench.retry``)."""
+    """An ``MlflowClient`` whose every call goes through the retry policy (``sweepbench.retry``); an upsert that
+    lost its insert to another process is made once more, and then finds that process's row."""
 
     def __init__(self, client: MlflowClient) -> None:
         self.mlflow = client
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self.mlflow, name)
-        return functools.partial(TRACKING_RETRY.call, attribute) if callable(attribute) else attribute
+        if not callable(attribute):
+            return attribute
+        if name in UPSERTS:
+            return functools.partial(upsert, attribute)
+        return functools.partial(TRACKING_RETRY.call, attribute)
+
+
+def upsert(write: Callable[..., Any], *args, **kwargs) -> Any:
+    try:
+        return TRACKING_RETRY.call(write, *args, **kwargs)
+    except MlflowException as exc:
+        if not any(text in str(exc) for text in DUPLICATE_KEY_TEXTS):
+            raise
+        return TRACKING_RETRY.call(write, *args, **kwargs)
 
 
 @dataclass
