@@ -204,6 +204,13 @@ def test_study_show_and_export_read_the_stored_study(pruning_study) -> None:
     best = outcome.study.best_trial
     assert f"best trial #{best.number}: val_accuracy {best.value:.4f}" in shown
     assert "parameter importance for val_accuracy" in shown
+    finished_trials = finished(outcome.study)
+    duration = sum(trial.duration.total_seconds() for trial in finished_trials)
+    outside = 1 - sum(trial.user_attrs["engine_seconds"] for trial in finished_trials) / duration
+    tracking = sum(trial.user_attrs["tracking_seconds"] for trial in finished_trials) / duration
+    assert 0 < tracking < outside < 1
+    assert (f"bookkeeping (Optuna + MLflow): {100 * outside:.1f}% of trial time: MLflow tracking "
+            f"{100 * tracking:.1f}%, Optuna (sampler, pruner, storage) {100 * (outside - tracking):.1f}%") in shown
     assert all(name in shown.split("parameter importance")[1] for name in best.params)
     csv = run_cli("study", "export", "prunes", "--format", "csv", cwd=directory, check=True).stdout
     table = pd.read_csv(io.StringIO(csv))

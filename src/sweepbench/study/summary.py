@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,12 +81,34 @@ def param_importances(study: optuna.Study) -> dict[str, float]:
         return {}
 
 
-def bookkeeping_share(study: optuna.Study) -> float | None:
-    """Time spent outside the engine (Optuna + MLflow) as a share of the finished trials' durations."""
+@dataclass(frozen=True)
+class Bookkeeping:
+    """Time the finished trials spent outside the engine, as shares of their durations (ask to tell): in all
+    (``total``: Optuna's sampler, pruner and storage, and MLflow) and MLflow's part (``tracking``; None for
+    trials recorded before it was)."""
+
+    total: float
+    tracking: float | None
+
+    def line(self) -> str:
+        text = f"bookkeeping (Optuna + MLflow): {100 * self.total:.1f}% of trial time"
+        if self.tracking is None:
+            return text
+        return (f"{text}: MLflow tracking {100 * self.tracking:.1f}%, Optuna (sampler, pruner, storage) "
+                f"{100 * (self.total - self.tracking):.1f}%")
+
+
+def bookkeeping_share(study: optuna.Study) -> Bookkeeping | None:
+    """The finished trials' bookkeeping shares, or None before any trial recorded its engine time."""
     timed = [trial for trial in study.get_trials(deepcopy=False, states=FINISHED)
              if "engine_seconds" in trial.user_attrs and trial.duration]
     total = sum(trial.duration.total_seconds() for trial in timed)
-    return 1 - sum(trial.user_attrs["engine_seconds"] for trial in timed) / total if total else None
+    if not total:
+        return None
+    engine_seconds = sum(trial.user_attrs["engine_seconds"] for trial in timed)
+    tracked = all("tracking_seconds" in trial.user_attrs for trial in timed)
+    tracking = sum(trial.user_attrs["tracking_seconds"] for trial in timed) / total if tracked else None
+    return Bookkeeping(1 - engine_seconds / total, tracking)
 
 
 def describe_study(study: optuna.Study, limit: int = 10) -> str:
@@ -101,7 +124,7 @@ def describe_study(study: optuna.Study, limit: int = 10) -> str:
         lines.append(f"best trial #{best.number}: {values}; {best.params}{_version_note(study, best)}")
     share = bookkeeping_share(study)
     if share is not None:
-        lines.append(f"bookkeeping (Optuna + MLflow): {100 * share:.1f}% of trial time")
+        lines.append(share.line())
     table = trials_table(study, limit)
     if not table.empty:
         lines += ["", export_table(table, "md")]

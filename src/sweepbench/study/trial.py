@@ -157,12 +157,13 @@ def _record_failed_run(job: StudyJob, trial: optuna.Trial, parent_run_id: str, m
 
 def _record_result(trial: optuna.Trial, result: engine.RunResult, callback: TrialCallback) -> None:
     """``engine_seconds`` is the engine's own time (data, model, training, evaluation), without the callbacks'
-    bookkeeping: against the trial's duration in Optuna (ask to tell), it gives the bookkeeping share. A fused
-    pack's members each record the pack's ``train_seconds`` and its ``pack_size`` (their share: the one over the
-    other)."""
+    bookkeeping: against the trial's duration in Optuna (ask to tell), it gives the bookkeeping share, of which
+    ``tracking_seconds`` is MLflow's (the run's logger). A fused pack's members each record the pack's
+    ``train_seconds`` and its ``pack_size`` (their share: the one over the other)."""
     attrs = {"epochs_run": len(result.history), "best_epoch": result.best_epoch,
              "test_accuracy": result.test_accuracy, "train_seconds": result.train_seconds,
-             "engine_seconds": result.wall_seconds - callback.seconds, "checkpoint": result.checkpoints.get("best"),
+             "engine_seconds": result.wall_seconds - callback.seconds,
+             "tracking_seconds": callback.logger.logging_seconds, "checkpoint": result.checkpoints.get("best"),
              "pack_size": callback.pack_size}
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
