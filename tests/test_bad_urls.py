@@ -101,6 +101,24 @@ CASES = {  # name: (arguments, the one line, seconds allowed); {file}, {store}, 
                           r"file that holds the study"),
     "show storage refused": (["study", "show", "x", "--storage", REFUSED], r"--storage: .* \(Connection refused\)",
                              URL_TIMEOUT),
+    "storage proxy without a port": ([*STUDY, "--storage", "grpc://127.0.0.1"],
+                                     r"--storage: grpc://127\.0\.0\.1 is not a gRPC storage proxy URL; use "
+                                     r"grpc://<host>:<port>"),
+    "storage proxy not answering": ([*STUDY, "--storage", "grpc://127.0.0.1:1"],
+                                    r"--storage: grpc://127\.0\.0\.1:1 does not answer within 5 s: is `sweepbench "
+                                    r"storage serve` running there", URL_TIMEOUT),
+    "worker proxy not answering": (["study", "worker", *STUDY[2:], "--storage", "grpc://127.0.0.1:1"],
+                                   r"--storage: grpc://127\.0\.0\.1:1 does not answer within 5 s", URL_TIMEOUT),
+    "worker wait negative": (["study", "worker", *STUDY[2:], "--storage", "sqlite:///s.db", "--wait", "-1"],
+                             r"--wait: -1\.0 is out of range; it must be a number of seconds >= 0"),
+    "serve a proxy": (["storage", "serve", "--storage", "grpc://127.0.0.1:1"],
+                      r"--storage: a gRPC proxy serves a database, not another proxy"),
+    "serve storage refused": (["storage", "serve", "--storage", REFUSED], r"--storage: .* \(Connection refused\)",
+                              URL_TIMEOUT),
+    "serve port in use": (["storage", "serve", "--storage", "sqlite:///s.db", "--port", "{busy}"],
+                          r"--port: 127\.0\.0\.1:\d+ cannot be used \(Address already in use\)"),
+    "serve port too big": (["storage", "serve", "--storage", "sqlite:///s.db", "--port", "70000"],
+                           r"--port: 70000 is out of range"),
 }
 ENVIRONMENTS = {"tracking from the environment": {"MLFLOW_TRACKING_URI": "ftp://y"}}
 SLOW = {"tracking server silent"}  # waits out the 5 s probe

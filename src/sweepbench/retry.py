@@ -88,6 +88,9 @@ TRANSIENT_NAMES = {
     "ProtocolError",
 }
 TRANSIENT_HTTP = ("500", "502", "503", "504", "TEMPORARILY_UNAVAILABLE", "failed with exception")
+# Optuna's gRPC storage proxy: the proxy unreachable or busy, or its database's transient fault, which the proxy
+# passes on as UNKNOWN with the driver's error in the details
+TRANSIENT_GRPC_CODES = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED"}
 
 
 PERSISTENT_TEXTS = ("disk is full", "No space left")  # SQLite's SQLITE_FULL, ENOSPC: waiting will not help
@@ -128,7 +131,17 @@ def transient_cause(exc: BaseException) -> BaseException | None:
             return error
         if "MlflowException" in names and any(code in str(error)[:300] for code in TRANSIENT_HTTP):
             return error
+        if "RpcError" in names and transient_rpc(error):
+            return error
     return None
+
+
+def transient_rpc(error: BaseException) -> bool:
+    """A gRPC call's error that waiting may cure: by its status code, or a database fault behind the proxy."""
+    code, details = getattr(error, "code", None), getattr(error, "details", None)
+    name = getattr(code(), "name", "") if callable(code) else ""
+    text = details() or "" if callable(details) else ""
+    return name in TRANSIENT_GRPC_CODES or name == "UNKNOWN" and any(cause in text for cause in TRANSIENT_NAMES)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -139,6 +152,8 @@ def describe(exc: BaseException) -> str:
     """One line: the error's type and text, without SQLAlchemy's link to its background page and psycopg's
     ``connection to server ... failed: FATAL:`` preamble."""
     text = str(exc).split("(Background on this error at:")[0].rsplit("failed: FATAL:", 1)[-1]
+    if callable(getattr(exc, "code", None)) and callable(getattr(exc, "details", None)):  # a gRPC call's error
+        text = f"{getattr(exc.code(), 'name', exc.code())} {exc.details() or ''}"
     return f"{type(exc).__name__}: {' '.join(text.split())[:200]}"
 
 

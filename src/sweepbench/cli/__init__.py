@@ -20,6 +20,7 @@ from ..data import DataNotFoundError
 from ..engine import Terminated, interrupt_message, sigterm_interrupts
 from ..engine.checkpoint import DiskFullError
 from ..retry import PermanentError, ServiceUnavailable, causes
+from .distributed import add_storage_parser
 from .options import config_from_args
 from .runs import add_bench_parser, add_report_parser, add_runs_parser, add_study_parser, add_ui_parser
 from .train import add_train_parser, format_summary, show_datasets, show_models
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_study_parser(commands)
     add_bench_parser(commands)
     add_runs_parser(commands)
+    add_storage_parser(commands)
     return parser
 
 

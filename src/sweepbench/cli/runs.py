@@ -13,6 +13,7 @@ from ..validators import choice
 
 PEOPLE_FORMATS = ("md", "html")  # a compact table by default; csv, json and latex hold every column
 from .compare import add_compare_parsers
+from .distributed import add_worker_parser
 from .options import add_data_args, add_set_arg, add_system_metrics_arg, add_tracking_args, split_list, write_output
 
 
@@ -141,6 +142,7 @@ def add_study_parser(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--format", default="md", help="md, csv or html (also json, latex)")
     export.add_argument("--output", help="file to write (default: stdout)")
     export.set_defaults(handler=_study_export)
+    add_worker_parser(study_commands)
     add_compare_parsers(study_commands)
 
 
@@ -152,7 +154,7 @@ def _add_stored_study_args(parser: argparse.ArgumentParser) -> None:
 def _study_run(args: argparse.Namespace) -> int:
     from ..study.spec import load_spec
     from ..study import configure_logging, make_job, redact, run_study
-    from ..study.coordination import WorkersFailed
+    from ..study.processes import WorkersFailed
 
     changes = {"device": args.device, "precision": args.precision, "data_dir": args.data_dir,
                "download": args.download or None, **parse_overrides(args.set)}

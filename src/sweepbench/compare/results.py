@@ -12,7 +12,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ..study.job import default_storage_url
-from ..study.storage import _quiet, stored_study_names
+from ..study.storage import _quiet, reader, stored_study_names
 from .spec import Comparison
 from .stats import best_so_far, oriented
 
@@ -52,7 +52,7 @@ def load_member(comparison: Comparison, sampler: str, seed: int, storage_url: st
     if name not in stored_study_names(url):
         return None
     with _quiet():
-        return optuna.load_study(study_name=name, storage=url)
+        return optuna.load_study(study_name=name, storage=reader(url))
 
 
 def member_result(comparison: Comparison, sampler: str, seed: int, study: optuna.Study) -> MemberResult:

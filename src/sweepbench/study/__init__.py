@@ -2,9 +2,10 @@
 
 ``run_study`` runs (or resumes) a study with local worker processes and logs its outcome to the parent run. The
 modules, bottom up: ``spec`` (the TOML spec), ``job`` (what every worker is given), ``storage`` (the shared
-Optuna storage, its lock, heartbeats and retries), ``trial`` (the objective), ``coordination`` (exactly N
-finished trials across workers; the worker processes), ``summary`` (reading a study back) and ``parent`` (the
-MLflow parent run).
+Optuna storage, its lock, heartbeats and retries), ``seeds`` and ``loading`` (a worker's sampler seed; the study
+created or loaded), ``trial`` (the objective), ``coordination`` (exactly N finished trials across workers),
+``processes`` (local worker processes), ``summary`` (reading a study back) and ``parent`` (the MLflow parent
+run).
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from ..steps import check_step_device
 from ..tracking import Store
 from ..tracking.system import start_system_metrics
 from . import identity
-from .coordination import Tally, _run_workers, configure_logging, load_study, worker_seed
+from .coordination import Tally
+from .loading import load_study
+from .processes import _run_workers, configure_logging
+from .seeds import worker_seed
 from .job import StudyJob, make_job, normalize_storage_url, redact
 from .parent import _open_parent_run, log_study_outcome, reconcile
 from .spec import StudySpec

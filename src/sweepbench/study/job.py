@@ -5,6 +5,7 @@ embedded MLflow store."""
 from __future__ import annotations
 
 import os
+import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,10 @@ STUDIES_DIR = Path("mlruns") / "studies"
 DEFAULT_HEARTBEAT_SECONDS = 10
 WORKERS_PER_CORE = 4
 MIN_WORKER_CAP = 8
-STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
-STORAGE_ALLOWED = "sqlite:///<file>, postgresql://<user>@<host>/<database> or mysql://<user>@<host>/<database>"
+STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql", "grpc")
+STORAGE_ALLOWED = ("sqlite:///<file>, postgresql://<user>@<host>/<database>, mysql://<user>@<host>/<database> or "
+                   "grpc://<host>:<port> (sweepbench storage serve)")
+PROXY_CONNECT_SECONDS = 5
 
 
 @dataclass(frozen=True)
@@ -100,11 +103,38 @@ def check_storage_url(url: str, must_hold: str | None = None) -> str:
         problem = f"is not a storage URL Optuna can use; use {STORAGE_ALLOWED}"
     elif scheme == "sqlite":
         problem = sqlite_problem(url, must_hold)
+    elif scheme == "grpc":
+        problem = proxy_problem(url)
     else:
         problem = database_problem(url, None if must_hold else worker_connections)
     if problem:
         raise ConfigError(f"--storage: {redact(url)} {problem}")
     return normalize_storage_url(url)
+
+
+def proxy_address(url: str) -> tuple[str, int]:
+    """The host and port of a ``grpc://HOST:PORT`` storage URL; ValueError when it has no port."""
+    parsed = urllib.parse.urlsplit(url)
+    if not parsed.hostname or parsed.port is None or parsed.path not in ("", "/"):
+        raise ValueError(url)
+    return parsed.hostname, parsed.port
+
+
+def proxy_problem(url: str) -> str | None:
+    """What is wrong with a ``grpc://`` storage URL: no host and port, or no proxy answering there in time."""
+    try:
+        host, port = proxy_address(url)
+    except ValueError:
+        return "is not a gRPC storage proxy URL; use grpc://<host>:<port>, the address of `sweepbench storage serve`"
+    import grpc
+
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=PROXY_CONNECT_SECONDS)
+        except grpc.FutureTimeoutError:
+            return (f"does not answer within {PROXY_CONNECT_SECONDS} s: is `sweepbench storage serve` running "
+                    f"there, and reachable from this machine?")
+    return None
 
 
 def worker_connections(connection: sqlalchemy.engine.Connection) -> tuple[int, str]:
