@@ -86,6 +86,32 @@ def mlflow_server(folder: Path, backend_uri: str | None = None, port: int | None
         stop_process_group(process)
 
 
+@contextlib.contextmanager
+def storage_proxy(database_url: str, folder: Path, host: str = "127.0.0.1", port: int | None = None,
+                  timeout: float = 120) -> Iterator[str]:
+    """A real ``sweepbench storage serve`` (Optuna's gRPC storage proxy) in front of ``database_url`` on
+    ``host``; yields its ``grpc://`` URL once it answers and stops its process group on exit."""
+    import grpc
+
+    from sweepbench.tracking import stop_process_group
+
+    port = port or free_port()
+    log = folder / f"proxy-{port}.log"
+    with log.open("w") as output:
+        process = subprocess.Popen([sys.executable, "-m", "sweepbench.cli", "storage", "serve", "--storage",
+                                    database_url, "--host", host, "--port", str(port)], cwd=folder, stdout=output,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with grpc.insecure_channel(f"{host}:{port}") as channel:
+            try:
+                grpc.channel_ready_future(channel).result(timeout=timeout)
+            except grpc.FutureTimeoutError:
+                raise AssertionError(f"the storage proxy did not answer: {log.read_text()}") from None
+        yield f"grpc://{host}:{port}"
+    finally:
+        stop_process_group(process)
+
+
 def folder_snapshot(folder: Path) -> set[Path]:
     return {path.relative_to(folder) for path in folder.rglob("*")}
 
