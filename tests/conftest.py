@@ -66,22 +66,23 @@ def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 180) -> 
 
 
 @contextlib.contextmanager
-def mlflow_server(folder: Path, backend_uri: str | None = None, port: int | None = None) -> Iterator[str]:
-    """A real ``mlflow server`` on 127.0.0.1 (its own SQLite store in ``folder`` unless ``backend_uri`` names
+def mlflow_server(folder: Path, backend_uri: str | None = None, port: int | None = None,
+                  host: str = "127.0.0.1") -> Iterator[str]:
+    """A real ``mlflow server`` on ``host`` (its own SQLite store in ``folder`` unless ``backend_uri`` names
     one; on ``port``, else a free one), serving artifacts from ``folder``; yields its URL and stops its whole
     process group on exit."""
     from sweepbench.tracking import stop_process_group
 
     port = port or free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1",
          "--backend-store-uri", backend_uri or f"sqlite:///{folder / 'server.db'}", "--serve-artifacts",
          "--artifacts-destination", str(folder / "server-artifacts")],
         cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no GenAI job workers: 10 s faster
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", process)
-        yield f"http://127.0.0.1:{port}"
+        wait_for_http(f"http://{host}:{port}/health", process)
+        yield f"http://{host}:{port}"
     finally:
         stop_process_group(process)
 

@@ -43,17 +43,22 @@ class PrivatePostgres:
     """A PostgreSQL instance of the test's own (``initdb``/``pg_ctl`` as the postgres user, its own port and
     folder), so the test can stop and restart it."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder, self.port = folder, free_port()
+    def __init__(self, folder: Path, listen: str = "127.0.0.1", trusted_network: str | None = None) -> None:
+        """Listening on ``listen`` (comma-separated addresses), trusting logins from ``trusted_network`` (a CIDR
+        range of the test's own hosts) besides this machine's."""
+        self.folder, self.port, self.listen = folder, free_port(), listen
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
         self._as_postgres(PG_BIN / "initdb", "-D", self.folder / "data", "-A", "trust", "-U", "postgres")
+        if trusted_network:
+            with (self.folder / "data" / "pg_hba.conf").open("a") as rules:
+                rules.write(f"host all all {trusted_network} trust\n")
 
     def _as_postgres(self, *command: object) -> None:
         subprocess.run(["runuser", "-u", "postgres", "--", *map(str, command)], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
 
     def _pg_ctl(self, *args: str) -> None:
-        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1"
+        options = f"-p {self.port} -k {self.folder} -c listen_addresses={self.listen}"
         self._as_postgres(PG_BIN / "pg_ctl", "-D", self.folder / "data", "-o", options, "-l",
                           self.folder / "server.log", "-w", *args)
 

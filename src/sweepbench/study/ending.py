@@ -28,7 +28,8 @@ from .storage import ERROR_ATTR, FAILURE_ATTR, INFRASTRUCTURE, MAX_RETRIES, RUN_
 log = logging.getLogger(__name__)
 
 STALE_MESSAGE = ("another worker failed this trial as stale (no heartbeat for longer than the grace period: was "
-                 "this worker paused?) and queued its parameters again; this worker stops it and moves on")
+                 "this worker paused, or cut off from the storage?) and queued its parameters again; this worker "
+                 "stops it and moves on")
 
 
 class Ending(enum.Enum):
