@@ -117,6 +117,8 @@ CASES = {  # name: (arguments, the one line, seconds allowed); {file}, {store}, 
                               URL_TIMEOUT),
     "serve port in use": (["storage", "serve", "--storage", "sqlite:///s.db", "--port", "{busy}"],
                           r"--port: 127\.0\.0\.1:\d+ cannot be used \(Address already in use\)"),
+    "serve no connections": (["storage", "serve", "--storage", "sqlite:///s.db", "--connections", "0"],
+                             r"--connections: 0 is out of range; it must be from 1 to 64"),
     "serve port too big": (["storage", "serve", "--storage", "sqlite:///s.db", "--port", "70000"],
                            r"--port: 70000 is out of range"),
 }

@@ -10,6 +10,7 @@ from ..config import parse_overrides
 from .options import add_data_args, add_set_arg, add_tracking_args
 
 DEFAULT_PROXY_PORT = 13000  # Optuna's own default
+DEFAULT_CONNECTIONS, MAX_CONNECTIONS = 4, 64  # the proxy's connections to the database
 DEFAULT_WAIT_SECONDS = 300
 
 
@@ -69,6 +70,9 @@ def add_storage_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1",
                        help="interface to listen on (default: 127.0.0.1; 0.0.0.0 for workers on other machines)")
     serve.add_argument("--port", type=int, default=DEFAULT_PROXY_PORT, help=f"default: {DEFAULT_PROXY_PORT}")
+    serve.add_argument("--connections", type=int, default=DEFAULT_CONNECTIONS,
+                       help=f"most database connections the proxy holds, whatever the workers (default: "
+                            f"{DEFAULT_CONNECTIONS})")
     serve.set_defaults(handler=_storage_serve)
 
 
@@ -79,6 +83,9 @@ def _storage_serve(args: argparse.Namespace) -> int:
     from ..study.storage.proxy import is_proxy, serve
     from ..tracking.connect import check_listen_address
 
+    if not 1 <= args.connections <= MAX_CONNECTIONS:
+        raise ConfigError(f"--connections: {args.connections} is out of range; it must be from 1 to "
+                          f"{MAX_CONNECTIONS}")
     if is_proxy(args.storage):
         raise ConfigError("--storage: a gRPC proxy serves a database, not another proxy; give the database's URL "
                           "(postgresql://, mysql:// or sqlite:///)")
@@ -86,7 +93,7 @@ def _storage_serve(args: argparse.Namespace) -> int:
     check_listen_address(args.host, args.port)
     configure_logging()
     try:
-        serve(storage_url, args.host, args.port)
+        serve(storage_url, args.host, args.port, args.connections)
     except KeyboardInterrupt:
         print("storage proxy stopped", file=sys.stderr)
     return 0

@@ -16,7 +16,8 @@ from ..job import proxy_address, redact
 
 log = logging.getLogger(__name__)
 
-PROXY_THREADS = 16  # calls the proxy serves at once; its database pool holds as many connections at most
+PROXY_THREADS = 16  # calls the proxy takes at once; beyond its connections, a call waits for one (milliseconds)
+POOL_WAIT_SECONDS = 60
 
 
 def is_proxy(storage_url: str) -> bool:
@@ -35,13 +36,15 @@ def grpc_proxy(storage_url: str) -> optuna.storages.BaseStorage:
         return GrpcStorageProxy(host=host, port=port)
 
 
-def serve(storage_url: str, host: str, port: int) -> None:
+def serve(storage_url: str, host: str, port: int, connections: int) -> None:
     """Serves ``storage_url`` (a database: PostgreSQL, MySQL or SQLite) on ``host``:``port`` until Ctrl-C or
     SIGTERM. The database's tables are made (or checked) first; the server caches finished trials in memory, as
-    Optuna advises (``get_storage``), and opens at most ``PROXY_THREADS`` connections to the database."""
+    Optuna advises (``get_storage``), and holds at most ``connections`` connections to a database server, however
+    many workers it serves."""
     from optuna.storages._grpc.server import make_server
 
-    engine_kwargs = {"pool_size": PROXY_THREADS, "max_overflow": 0, "pool_pre_ping": True}
+    engine_kwargs = {"pool_size": connections, "max_overflow": 0, "pool_timeout": POOL_WAIT_SECONDS,
+                     "pool_pre_ping": True}
     if storage_url.startswith("sqlite"):
         engine_kwargs = {"poolclass": sqlalchemy.pool.NullPool, "connect_args": {"timeout": 60}}
     with warnings.catch_warnings():
@@ -49,7 +52,8 @@ def serve(storage_url: str, host: str, port: int) -> None:
         storage = optuna.storages.get_storage(optuna.storages.RDBStorage(storage_url, engine_kwargs=engine_kwargs))
         server = make_server(storage, host, port, ThreadPoolExecutor(max_workers=PROXY_THREADS))
     server.start()
-    log.info(f"Optuna storage proxy for {redact(storage_url)} at grpc://{host}:{port} (Ctrl-C to stop)")
+    log.info(f"Optuna storage proxy for {redact(storage_url)} at grpc://{host}:{port}, at most {connections} "
+             "database connection(s) (Ctrl-C to stop)")
     try:
         server.wait_for_termination()
     finally:
