@@ -1,14 +1,15 @@
 """How workers share a study: each reserves its trials, so that the study ends with exactly N finished.
 
 Storage is Optuna's RDB storage (SQLite in ``mlruns/studies/<name>.db`` by default, or any PostgreSQL URL shared
-by workers on many machines) with heartbeats, so a killed worker's trial goes stale, is marked FAIL and is queued
-again with the same parameters.
+by workers on many machines, directly or through Optuna's gRPC proxy) with heartbeats, so a killed worker's trial
+goes stale, is marked FAIL and is queued again with the same parameters.
 
 **Exactly N finished trials.** ``n_trials`` is the study's total target of *finished* trials, COMPLETE or PRUNED,
 whoever runs them and however often the command is restarted. Optuna's ``MaxTrialsCallback`` checks the count
 after a trial ends, so workers that start together overshoot. Here each worker reserves its next trial
-atomically: under a lock (a PostgreSQL advisory lock for PostgreSQL storage, a file lock beside a SQLite file;
-other databases get a file lock under ``mlruns/`` that only serialises the workers of one machine) it counts
+atomically: under a lock (a PostgreSQL advisory lock for PostgreSQL storage, a file lock beside a SQLite file, a
+study only one process can create through the gRPC proxy: ``storage.locks``; other databases get a file lock under
+``mlruns/`` that only serialises the workers of one machine) it counts
 COMPLETE + PRUNED + RUNNING trials and only calls ``ask`` while that count is below N. A worker that finds
 every remaining slot held by RUNNING trials waits for them instead of leaving: if their worker died, the trial
 goes stale, is retried, and the waiting worker runs the retry. So the study ends with exactly N finished trials
@@ -18,10 +19,7 @@ and none RUNNING.
 study whose every trial fails, it ends once ``max_failed_trials`` trials have failed on their own. Trials that
 failed because their worker died or was interrupted are retried (at most ``MAX_RETRIES`` times) and count as
 failures only when they run out of retries; trials that failed because the storage stayed unreachable are
-always retried and never count.
-
-**Workers die with their parent**: a local worker whose ``study run`` process is gone (SIGKILL) stops its trial
-as Ctrl-C would (FAIL, queued again) within a second, instead of running trials on its own.
+always retried and never count. Every way a trial ends goes through ``ending.finish_trial``.
 """
 
 from __future__ import annotations
@@ -35,8 +33,8 @@ from optuna.trial import FrozenTrial, TrialState
 from .. import engine
 from .job import StudyJob
 from .loading import load_study
-from .spec import StudySpec
 from .ending import Ending, Outcome, finish_trial
+from .spec import StudySpec
 from .storage import (FAILURE_ATTR, INFRASTRUCTURE, PARENT_RUN_ATTR, RETRY_HISTORY, RetryingStorage, _heartbeat,
                       _quiet, open_storage, storage_lock)
 from .trial import release, run_trials

@@ -1,4 +1,7 @@
-"""A study's local worker processes: spawned, given a fair share of the cores, stopped with their parent."""
+"""A study's local worker processes: spawned, each given a fair share of the cores.
+
+**Workers die with their parent**: a local worker whose ``study run`` process is gone (SIGKILL) stops its trial
+as Ctrl-C would (FAIL, queued again) within a second, instead of running trials on its own."""
 
 from __future__ import annotations
 
