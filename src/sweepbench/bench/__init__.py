@@ -21,7 +21,10 @@ The package keeps the spec apart from running it:
 
 - ``spec``: the benchmark file, its validation and the grid it expands to (``Cell``, ``BenchSpec``);
 - ``table``: what a cell measured (``CellOutcome``, ``cell_figures``), the table of comparisons and the chart;
-- ``run``: running the cells on this machine and logging them to MLflow through the tracking layer.
+- ``run``: running the cells on this machine and logging them to MLflow through the tracking layer, as an
+  instance (``DeviceMatrix``) of
+- ``harness``: the one benchmark mechanism (cells under one parent run, the table published on it), of which the
+  sampler comparison (``compare``) is another instance.
 """
 
 from .run import BenchReport, run_benchmark, run_cell, skip_reason

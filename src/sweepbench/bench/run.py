@@ -7,19 +7,19 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import pandas as pd
 import torch
 from ..config import ConfigError
 from ..data import DataNotFoundError
 from ..engine import Callback, EpochRecord, RunResult, StopTraining, TrainContext, device_name, resolve_device, train
-from .. import report
 from ..precisions import PRECISIONS
 from ..status import MlflowStatus, RunStatus, mlflow_status
 from ..steps import check_step_device
 from ..tracking import (MlflowLogger, PausedWhileTimed, Store, SystemMetrics, config_params, config_tags,
                         environment_tags, start_system_metrics)
+from .harness import Parent, Published, run_harness
 from .spec import BenchSpec, Cell
 from .table import CellOutcome, build_table, cell_figures, plot_speedups
 
@@ -48,19 +48,9 @@ def cell_skip_reason(cell: Cell) -> str | None:
     return reason
 
 
-@dataclass
-class _Tracking:
-    """Where a benchmark's runs go: the store, the experiment and the parent run."""
-
-    store: Store
-    experiment: str
-    experiment_id: str
-    parent_run_id: str
-    system: SystemMetrics | None = None  # the parent's system metrics, stopped while an epoch is timed
-
-    def start_cell(self, cell: Cell, tags: dict[str, str]) -> str:
-        return self.store.start_run(self.experiment_id, cell.label, "cell", {**_cell_tags(cell), **tags},
-                                    config_params(cell.config), self.parent_run_id)
+def start_cell_run(parent: Parent, cell: Cell, tags: dict[str, str]) -> str:
+    return parent.store.start_run(parent.experiment_id, cell.label, "cell", {**_cell_tags(cell), **tags},
+                                  config_params(cell.config), parent.run_id)
 
 
 def _cell_tags(cell: Cell) -> dict[str, str]:
@@ -96,7 +86,7 @@ class CellBudget(Callback):
                                f"epochs, past the cell budget of {self.budget:g} s", status=RunStatus.STOPPED)
 
 
-def _run_repeats(cell: Cell, spec: BenchSpec, tracking: _Tracking,
+def _run_repeats(cell: Cell, spec: BenchSpec, parent: Parent, system: SystemMetrics | None,
                  cell_run_id: str) -> tuple[list[RunResult], list[float], CellBudget | None]:
     """The repeats' results, the 1-minute load average after each (other work on the machine shows there) and
     the budget that watched the first repeat (None without one)."""
@@ -104,12 +94,12 @@ def _run_repeats(cell: Cell, spec: BenchSpec, tracking: _Tracking,
     budget = (None if spec.cell_budget_seconds is None
               else CellBudget(spec.cell_budget_seconds, spec.warmup_epochs, spec.repeats))
     for repeat in range(1, spec.repeats + 1):
-        logger = MlflowLogger(tracking.experiment, tracking.store.tracking_uri, f"{cell.label} repeat {repeat}",
+        logger = MlflowLogger(parent.experiment, parent.store.tracking_uri, f"{cell.label} repeat {repeat}",
                               cell_run_id, tags={"repeat": str(repeat), "benchmark_cell": cell.label},
                               log_model=False, log_artifacts=False, kind="repeat")
         callbacks = [logger, budget] if budget is not None and repeat == 1 else [logger]
-        if tracking.system is not None:  # first: stopped before the warm-up's last record is logged
-            callbacks.insert(0, PausedWhileTimed(tracking.system, spec.warmup_epochs))
+        if system is not None:  # first: stopped before the warm-up's last record is logged
+            callbacks.insert(0, PausedWhileTimed(system, spec.warmup_epochs))
         results.append(train(cell.config.replace(seed=cell.config.seed + repeat - 1), callbacks))
         loads.append(os.getloadavg()[0])
         if results[-1].status != RunStatus.COMPLETED:
@@ -117,21 +107,22 @@ def _run_repeats(cell: Cell, spec: BenchSpec, tracking: _Tracking,
     return results, loads, budget
 
 
-def run_cell(cell: Cell, spec: BenchSpec, tracking: _Tracking) -> CellOutcome:
-    """Runs one cell's repeats under its own MLflow run; a cell that cannot run here is recorded as skipped.
+def run_cell(cell: Cell, spec: BenchSpec, parent: Parent, system: SystemMetrics | None = None) -> CellOutcome:
+    """Runs one cell's repeats under its own MLflow run, a child of ``parent``'s; a cell that cannot run here is
+    recorded as skipped. ``system``, the parent's system metrics monitor, is paused while an epoch is timed.
 
     A failing cell (a crash inside ``torch.compile``, say) is recorded and the benchmark goes on; a
     ``ConfigError`` or a missing dataset is a mistake in the spec or the setup, and stops it.
     """
     reason = cell_skip_reason(cell)
     hardware = {} if reason else environment_tags(resolve_device(cell.device))
-    store, run_id = tracking.store, tracking.start_cell(cell, hardware)
+    store, run_id = parent.store, start_cell_run(parent, cell, hardware)
     if reason is not None:
         outcome = CellOutcome(cell, f"skipped: {reason}", run_id, cell_figures(cell, [], spec.warmup_epochs))
         store.end_run(run_id, MlflowStatus.KILLED, {"status": outcome.status, "skipped": reason})
         return outcome
     try:
-        results, loads, budget = _run_repeats(cell, spec, tracking, run_id)
+        results, loads, budget = _run_repeats(cell, spec, parent, system, run_id)
     except KeyboardInterrupt:
         store.end_run(run_id, MlflowStatus.KILLED, {"status": f"{RunStatus.KILLED}: interrupted"})
         raise
@@ -187,18 +178,38 @@ def _parent_tags(spec: BenchSpec) -> dict[str, str]:
     return tags
 
 
-def _log_report(tracking: _Tracking, spec: BenchSpec, outcomes: Sequence[CellOutcome], table: pd.DataFrame) -> None:
-    """Comparisons on each cell run; the table, chart and spec on the parent."""
-    store, parent = tracking.store, tracking.parent_run_id
-    for outcome, (_, row) in zip(outcomes, table.iterrows()):
-        flag = {} if row["accuracy_flag"] is None else {"accuracy_flag": str(row["accuracy_flag"])}
-        store.log(outcome.run_id, metrics=_finite({"speedup": row["speedup"],
-                                                   "accuracy_delta": row["accuracy_delta"]}), tags=flag)
-    for fmt in ("csv", "md", "html"):
-        store.log_text(parent, report.export_table(table, fmt, title=f"benchmark {spec.name}"), f"table.{fmt}")
-    store.log_figure(parent, plot_speedups(table), "speedup.png")
-    if spec.text:
-        store.log_text(parent, spec.text, f"{spec.name}.toml")
+@dataclass
+class DeviceMatrix:
+    """The device x precision matrix as an instance of the one benchmark harness (``harness``): a cell is a
+    model/device/precision/loader/compile/step/batch combination and its repeats; the table compares each with
+    its baseline cell. A failed cell is in the table and the command's exit status; the parent run still
+    finishes."""
+
+    spec: BenchSpec
+    system: SystemMetrics | None = None  # the parent's system metrics, paused while an epoch is timed
+
+    def cells(self) -> list[Cell]:
+        return self.spec.cells
+
+    def run_cell(self, cell: Cell, parent: Parent) -> CellOutcome:
+        return run_cell(cell, self.spec, parent, self.system)
+
+    def failed(self, outcome: CellOutcome) -> bool:
+        return False
+
+    def publish(self, outcomes: list[CellOutcome], parent: Parent) -> Published:
+        """The comparisons on each cell run; the table, chart and spec for the parent."""
+        spec, table = self.spec, build_table(outcomes, self.spec)
+        for outcome, (_, row) in zip(outcomes, table.iterrows()):
+            flag = {} if row["accuracy_flag"] is None else {"accuracy_flag": str(row["accuracy_flag"])}
+            parent.store.log(outcome.run_id, metrics=_finite({"speedup": row["speedup"],
+                                                              "accuracy_delta": row["accuracy_delta"]}), tags=flag)
+        return Published(f"benchmark {spec.name}", table, charts={"speedup.png": plot_speedups(table)},
+                         texts={f"{spec.name}.toml": spec.text} if spec.text else {})
+
+    def stop_monitor(self) -> None:
+        if self.system is not None:
+            self.system.stop()
 
 
 def run_benchmark(spec: BenchSpec, tracking_uri: str | None = None, experiment: str | None = None,
@@ -209,19 +220,9 @@ def run_benchmark(spec: BenchSpec, tracking_uri: str | None = None, experiment: 
     store = Store(tracking_uri)
     experiment = experiment or f"bench-{spec.name}"
     experiment_id = store.experiment(experiment, spec.description or None)
-    parent_run_id = store.start_run(experiment_id, spec.name, "bench", _parent_tags(spec))
-    tracking = _Tracking(store, experiment, experiment_id, parent_run_id,
-                         start_system_metrics(store.tracking_uri, parent_run_id, system_metrics))
-    with store.lifecycle(parent_run_id):
-        outcomes = []
-        try:
-            for cell in spec.cells:
-                outcomes.append(run_cell(cell, spec, tracking))
-                if on_cell:
-                    on_cell(outcomes[-1])
-        finally:
-            if tracking.system is not None:
-                tracking.system.stop()
-        table = build_table(outcomes, spec)
-        _log_report(tracking, spec, outcomes, table)
-    return BenchReport(spec, outcomes, table, parent_run_id, experiment, experiment_id, store.tracking_uri)
+    parent = Parent(store, experiment, experiment_id, store.start_run(experiment_id, spec.name, "bench",
+                                                                      _parent_tags(spec)))
+    matrix = DeviceMatrix(spec, start_system_metrics(store.tracking_uri, parent.run_id, system_metrics))
+    result = run_harness(matrix, parent, on_cell, after_cells=matrix.stop_monitor)
+    return BenchReport(spec, result.outcomes, result.published.table, parent.run_id, experiment, experiment_id,
+                       store.tracking_uri)

@@ -1,7 +1,7 @@
-"""Runs a comparison: every sampler x seed member as a normal study (exactly N, resume, workers, the spec's
-pruner), seed by seed, under one comparison parent run in MLflow; then the report, logged to that run. A rerun
-resumes: finished members are skipped, a cut one resumes as any study does, and the parent run is reopened. The
-report can be rebuilt from the stores alone (``report_from_store``)."""
+"""Runs a comparison on the one benchmark harness (``bench.harness``): every sampler x seed member as a normal
+study (exactly N, resume, workers, the spec's pruner), seed by seed, under one comparison parent run in MLflow;
+then the report, logged to that run. A rerun resumes: finished members are skipped, a cut one resumes as any study
+does, and the parent run is reopened. The report can be rebuilt from the stores alone (``report_from_store``)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from ..bench.harness import Parent, Published, run_harness
 from ..config import ConfigError
 from ..report.export import export_table
 from ..status import MlflowStatus
@@ -68,20 +69,50 @@ def run_comparison(comparison: Comparison, spec_text: str, storage_url: str | No
     jobs = member_jobs(comparison, storage_url, tracking_uri, workers, heartbeat_interval)
     store = Store(next(iter(jobs.values())).tracking_uri)
     run_id = open_comparison_run(store, comparison, spec_text)
-    report = None
-    with store.lifecycle(run_id) as outcome:
-        for index, (member, job) in enumerate(jobs.items(), 1):
-            finished, line = _run_member(dataclasses.replace(job, comparison_run_id=run_id), member, storage_url,
-                                         comparison)
-            log.info(f"[{index}/{len(jobs)}] study {job.spec.name}: {line}")
-            if not finished:
-                outcome.status = MlflowStatus.FAILED
-        results = load_results(comparison, storage_url)
-        if paired_seeds(comparison, results):
-            report = build_report(comparison, results)
-            publish(store, run_id, report, results)
-            outcome.tags = {DESCRIPTION_TAG: report.conclusion}
-    return ComparisonOutcome(comparison, run_id, outcome.status, report, time.perf_counter() - started)
+    parent = Parent(store, comparison.name, store.experiment_id_of(run_id), run_id)
+    instance = SamplerComparison(comparison, jobs, storage_url)
+    result = run_harness(instance, parent)
+    return ComparisonOutcome(comparison, run_id, result.status, instance.report, time.perf_counter() - started)
+
+
+@dataclass
+class SamplerComparison:
+    """The sampler x seed comparison as an instance of the one benchmark harness (``bench.harness``): a cell is
+    one member study (a sampler at a seed), run or resumed as any study, its parent run a child of the
+    comparison's; the outcomes publish the report (``report``) once the seeds pair up."""
+
+    comparison: Comparison
+    jobs: dict[tuple[str, int], StudyJob]
+    storage_url: str | None
+    report: ComparisonReport | None = None
+
+    def cells(self) -> list[tuple[str, int]]:
+        return list(self.jobs)
+
+    def run_cell(self, member: tuple[str, int], parent: Parent) -> bool:
+        """Whether the member study reached its target."""
+        job = dataclasses.replace(self.jobs[member], comparison_run_id=parent.run_id)
+        finished, line = _run_member(job, member, self.storage_url, self.comparison)
+        log.info(f"[{list(self.jobs).index(member) + 1}/{len(self.jobs)}] study {job.spec.name}: {line}")
+        return finished
+
+    def failed(self, finished: bool) -> bool:
+        return not finished
+
+    def publish(self, outcomes: list[bool], parent: Parent) -> Published | None:
+        """Per-sampler metrics, the table in every format with the verdicts, the curves, the conclusion as the
+        run's description."""
+        results = load_results(self.comparison, self.storage_url)
+        if not paired_seeds(self.comparison, results):
+            return None
+        report = self.report = build_report(self.comparison, results)
+        metrics = {f"{column}.{row['sampler']}": row[column] for row in report.table.to_dict("records")
+                   for column in ("final_best_iqm", "auc_iqm", "mean_rank")}
+        charts = {"curves.png": curves_figure(report.comparison, results, report.paired_seeds)}
+        return Published(f"comparison {self.comparison.name}", report.table, report.notes(), "comparison",
+                         TABLE_FORMATS, charts, metrics, {"conclusion": report.conclusion,
+                                                          DESCRIPTION_TAG: report.conclusion},
+                         render=lambda table, fmt: render(report, fmt))
 
 
 def _run_member(job: StudyJob, member: tuple[str, int], storage_url: str | None,
@@ -124,16 +155,6 @@ def find_comparison_run(store: Store, name: str):
     runs = store.client.search_runs([experiment.experiment_id], f"tags.`{COMPARISON_TAG}` = '{name}' AND "
                                     "tags.`sweepbench.kind` = 'comparison'", order_by=["attributes.start_time ASC"])
     return runs[0] if runs else None
-
-
-def publish(store: Store, run_id: str, report: ComparisonReport, results: list[MemberResult]) -> None:
-    """The report on the parent run: per-sampler metrics, the table in every format, the verdicts, the curves."""
-    metrics = {f"{column}.{row['sampler']}": row[column] for row in report.table.to_dict("records")
-               for column in ("final_best_iqm", "auc_iqm", "mean_rank")}
-    store.log(run_id, metrics=metrics, tags={"conclusion": report.conclusion})
-    for fmt in TABLE_FORMATS:
-        store.log_text(run_id, render(report, fmt), f"comparison.{fmt}")
-    store.log_figure(run_id, curves_figure(report.comparison, results, report.paired_seeds), "curves.png")
 
 
 def render(report: ComparisonReport, fmt: str) -> str:
