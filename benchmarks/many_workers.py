@@ -9,7 +9,7 @@ the synthetic dataset, one epoch) so that the storage, not training, is what the
 32 processes also wait on each other, which both modes share. The poll samples every 0.1 s from a connection to
 another database, not counted.
 
-    python benchmarks/many_workers.py [--workers 32] [--per-command 8] [--n-trials 128]
+    python benchmarks/many_workers.py [--workers 8,16,32] [--per-command 8] [--trials-per-worker 4]
                                       [--postgres postgresql://postgres@127.0.0.1:5432]
 """
 
@@ -114,11 +114,14 @@ def run_mode(mode: str, args: argparse.Namespace, folder: Path) -> str:
             started = time.perf_counter()
             commands = run_commands(folder, storage, tracking, args)
             wall = time.perf_counter() - started
-        failed = [command for command, code in commands if code != 0]
+        failed = [index for index, (_, code) in enumerate(commands) if code != 0]
         if failed:
-            sys.exit(f"{mode}: {failed[0]} failed; its output is in {folder}")
+            log = (folder / f"command-{failed[0]}.log").read_text()
+            sys.exit(f"{mode}: {commands[failed[0]][0]} failed:\n{log[-3000:]}")
         study = optuna.load_study(study_name="many-workers", storage=url)
         finished = [trial for trial in study.trials if trial.state.is_finished() and trial.values]
+        if not finished:
+            sys.exit(f"{mode}: no trial finished")
         first = min(trial.datetime_start for trial in finished)
         last = max(trial.datetime_complete for trial in finished)
         per_minute = 60 * len(finished) / (last - first).total_seconds()
@@ -132,7 +135,7 @@ def run_commands(folder: Path, storage: str, tracking: str, args: argparse.Names
     spec.write_text(SPEC.format(n_trials=args.n_trials))
     common = ["--storage", storage, "--tracking-uri", tracking, "--workers", str(args.per_command)]
     commands = [["study", "run", str(spec), *common, "--no-system-metrics"]]
-    commands += [["study", "worker", str(spec), *common]] * (args.workers // args.per_command - 1)
+    commands += [["study", "worker", str(spec), *common]] * (args.workers_total // args.per_command - 1)
     processes = []
     for index, command in enumerate(commands):
         with (folder / f"command-{index}.log").open("w") as log:
@@ -143,17 +146,20 @@ def run_commands(folder: Path, storage: str, tracking: str, args: argparse.Names
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", type=int, default=32, help="worker processes in all")
+    parser.add_argument("--workers", default="32", help="worker processes in all, comma-separated for several runs")
     parser.add_argument("--per-command", type=int, default=8, help="worker processes per command")
-    parser.add_argument("--n-trials", type=int, default=128)
+    parser.add_argument("--trials-per-worker", type=int, default=4, help="the study's trials: this many a worker")
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432",
                         help="the server (no database): a fresh database is made per mode and dropped")
     args = parser.parse_args()
     print(f"{hardware_line(torch.device('cpu'))}, {os.cpu_count()} CPUs; Optuna {optuna.__version__}; "
-          f"{args.workers} workers ({args.per_command} per command), {args.n_trials} trials", flush=True)
-    for mode in ("direct", "proxy"):
-        with tempfile.TemporaryDirectory(prefix=f"sweepbench-many-{mode}-") as folder:
-            print(run_mode(mode, args, Path(folder)), flush=True)
+          f"{args.per_command} workers per command, {args.trials_per_worker} trials per worker", flush=True)
+    for workers in (int(count) for count in args.workers.split(",")):
+        run = argparse.Namespace(**vars(args), workers_total=workers, n_trials=workers * args.trials_per_worker)
+        for mode in ("direct", "proxy"):
+            with tempfile.TemporaryDirectory(prefix=f"sweepbench-many-{mode}-") as folder:
+                print(f"{workers:3d} workers, {run.n_trials} trials: {run_mode(mode, run, Path(folder))}",
+                      flush=True)
 
 
 if __name__ == "__main__":

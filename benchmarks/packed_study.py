@@ -22,8 +22,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import torch
+from optuna.trial import TrialState
 
 from sweepbench.bench.harness import Parent, Published, run_harness
 from sweepbench.hardware import device_name
@@ -48,7 +50,9 @@ class PackedStudy:
         return self.packs
 
     def run_cell(self, pack: int, parent: Parent) -> StudyOutcome:
-        spec = dataclasses.replace(self.spec.with_overrides(pack=pack), name=f"{self.spec.name}-pack{pack}")
+        name = f"{self.spec.name}-pack{pack}"
+        spec = dataclasses.replace(self.spec.with_overrides(pack=pack, checkpoint_dir=str(self.folder / name)),
+                                   name=name)
         job = make_job(spec, f"sqlite:///{self.folder / spec.name}.db", parent.store.tracking_uri,
                        system_metrics=False, comparison=parent.experiment)
         outcome = run_study(dataclasses.replace(job, comparison_run_id=parent.run_id))
@@ -62,11 +66,20 @@ class PackedStudy:
         metric = self.spec.metric_names[0]
         rows = [{"pack": outcome.job.spec.pack, "finished": outcome.tally.finished,
                  "wall_s": outcome.wall_seconds, "trials_per_min": outcome.trials_per_minute,
-                 f"best_{metric}": outcome.study.best_value} for outcome in outcomes]
+                 f"best_{metric}": best_value(outcome)} for outcome in outcomes]
         table = pd.DataFrame(rows)
         table["speedup"] = table["trials_per_min"] / table["trials_per_min"].iloc[0]
         metrics = {f"trials_per_min.pack{row['pack']}": row["trials_per_min"] for row in rows}
         return Published(f"packed study {self.spec.name}", table, metrics=metrics)
+
+
+def best_value(outcome: StudyOutcome) -> float | None:
+    """The study's best first objective, or None when no trial completed (a cell stopped by its failures)."""
+    complete = outcome.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    values = [trial.values[0] for trial in complete]
+    if not values:
+        return None
+    return max(values) if outcome.study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else min(values)
 
 
 def main() -> None:

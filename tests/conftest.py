@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -146,6 +147,20 @@ def postgres_admin():
     admin.autocommit = True
     yield admin
     admin.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_admin) -> Iterator[str]:
+    """A fresh database on the PostgreSQL server at 127.0.0.1:5432, dropped afterwards."""
+    admin = postgres_admin
+    name = f"sweepbench_test_{uuid.uuid4().hex[:12]}"
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
 def render(url: str, screenshot: Path, budget_ms: int = 20000, size: str = "1400,900") -> str:

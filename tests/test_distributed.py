@@ -17,7 +17,7 @@ import pytest
 from optuna.trial import TrialState
 
 from sweepbench.retry import is_transient
-from sweepbench.study import RETRY_HISTORY, WORKER_ATTR
+from sweepbench.study import RETRY_HISTORY, WORKER_ATTR, normalize_storage_url
 from sweepbench.study.storage import StaleTrialHandler, locks, open_existing_study, reader, stored_study_names
 from sweepbench.study.storage.heartbeat import BEAT_ATTR, ProgressHeartbeat
 from sweepbench.study.storage.proxy import grpc_proxy
@@ -73,6 +73,40 @@ def test_a_lock_whose_holder_stalls_past_the_lease_is_taken_and_the_holder_is_to
     stalled.__exit__(None, None, None)
     assert "the storage lock was taken from this process while it held it" in caplog.text
     assert "taking it" in caplog.text
+
+
+def test_a_holder_that_renews_keeps_the_lock_past_the_lease_and_waiters_wait(
+        proxy: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(locks, "MUTEX_LEASE_SECONDS", 1.0)
+    released = []
+    with locks.storage_lock(proxy) as lease:
+        def waiter() -> None:
+            with locks.storage_lock(proxy):
+                released.append(time.monotonic())
+
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        for _ in range(6):  # 3 s, three leases, renewed every half lease
+            time.sleep(0.5)
+            lease.renew()
+        assert lease.held() and not released
+        done = time.monotonic()
+    thread.join()
+    assert released and released[0] >= done
+
+
+@pytest.mark.postgres
+def test_a_postgresql_lock_whose_connection_is_gone_is_no_longer_held(postgres_url: str, postgres_admin) -> None:
+    url = normalize_storage_url(postgres_url)
+    with locks.storage_lock(url) as lease:
+        assert lease.held()
+        with postgres_admin.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND "
+                           "objid = %s", (locks.ADVISORY_LOCK_KEY & 0xFFFFFFFF,))
+        deadline = time.monotonic() + 10
+        while lease.held() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not lease.held(), "a reservation made now would not be run"
 
 
 def test_a_trial_whose_beats_stop_is_failed_once_this_worker_saw_no_beat_for_the_grace(proxy: str) -> None:

@@ -11,7 +11,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -382,20 +381,6 @@ def test_two_local_workers_share_one_storage_and_stop_at_exactly_n(tmp_path: Pat
     assert len({trial.user_attrs[WORKER_ATTR] for trial in study.trials}) == 2, "both workers ran trials"
     parent, _ = assert_runs_match_trials(study, sqlite_tracking(tmp_path))
     assert parent.info.status == "FINISHED"
-
-
-@pytest.fixture
-def postgres_url(postgres_admin) -> Iterator[str]:
-    """A fresh database on the PostgreSQL server at 127.0.0.1:5432, dropped afterwards."""
-    admin = postgres_admin
-    name = f"sweepbench_test_{uuid.uuid4().hex[:12]}"
-    with admin.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE {name}")
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with admin.cursor() as cursor:
-            cursor.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
 @pytest.fixture

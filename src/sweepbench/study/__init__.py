@@ -3,9 +3,9 @@
 ``run_study`` runs (or resumes) a study with local worker processes and logs its outcome to the parent run. The
 modules, bottom up: ``spec`` (the TOML spec), ``job`` (what every worker is given), ``storage`` (the shared
 Optuna storage, its lock, heartbeats and retries), ``seeds`` and ``loading`` (a worker's sampler seed; the study
-created or loaded), ``trial`` (the objective), ``coordination`` (exactly N finished trials across workers),
-``processes`` (local worker processes), ``summary`` (reading a study back) and ``parent`` (the MLflow parent
-run).
+created or loaded), ``trial`` (the objective), ``ending`` (the one place a trial ends), ``coordination``
+(exactly N finished trials across workers), ``processes`` (local worker processes), ``joining`` (a worker from
+another machine: ``study worker``), ``summary`` (reading a study back) and ``parent`` (the MLflow parent run).
 """
 
 from __future__ import annotations

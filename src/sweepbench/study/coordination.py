@@ -99,9 +99,10 @@ def run_worker(job: StudyJob, worker_index: int = 0) -> None:
 def _reserve(study: optuna.Study, storage: RetryingStorage, job: StudyJob, trials: list[optuna.Trial],
              reserved: list[int]) -> bool:
     """Reserves the worker's next trials into ``trials`` (and their ids into ``reserved``) under the storage
-    lock; False once the study is settled. Trials reserved by a holder that lost the lock meanwhile (only the
-    gRPC proxy's can be lost: ``locks.study_mutex``) are not run: they end as failures of the infrastructure,
-    queued again, so that no reservation can exceed the target."""
+    lock; False once the study is settled. The lock's lease is renewed after each trial (a slow sampler's pack may
+    take a while: ``locks.study_mutex``). Trials reserved by a holder that lost the lock meanwhile (a PostgreSQL
+    advisory lock goes with its connection; the gRPC proxy's with its lease) are not run: they end as failures of
+    the infrastructure, queued again, so that no reservation can exceed the target."""
     with storage_lock(job.storage_url) as lease:
         tally = Tally.of(study.get_trials(deepcopy=False))
         if tally.settled(job.spec):
@@ -109,6 +110,7 @@ def _reserve(study: optuna.Study, storage: RetryingStorage, job: StudyJob, trial
         for _ in range(min(job.spec.pack, tally.slots(job.spec))):
             trials.append(_ask(study, storage))
             reserved.append(trials[-1]._trial_id)
+            lease.renew()
         if trials and not lease.held():
             for trial in trials:
                 finish_trial(study, trial, job, Outcome(Ending.INFRASTRUCTURE, LOST_LOCK_MESSAGE))
@@ -116,8 +118,8 @@ def _reserve(study: optuna.Study, storage: RetryingStorage, job: StudyJob, trial
     return True
 
 
-LOST_LOCK_MESSAGE = ("reserved after the storage lock was taken from this worker (it stalled past the lock's "
-                     "lease); not run, queued again")
+LOST_LOCK_MESSAGE = ("reserved while this worker's storage lock was lost (its connection dropped, or it stalled "
+                     "past the lock's lease); not run, queued again")
 
 
 def _ask(study: optuna.Study, storage: RetryingStorage) -> optuna.Trial:

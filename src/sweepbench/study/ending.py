@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import optuna
 from optuna.trial import TrialState
@@ -24,6 +25,9 @@ from .checkpoints import keep_checkpoints
 from .job import StudyJob
 from .registry import keep_final_weights
 from .storage import ERROR_ATTR, FAILURE_ATTR, INFRASTRUCTURE, MAX_RETRIES, RUN_ID_ATTR, retry_trial
+
+if TYPE_CHECKING:
+    from .trial import TrialCallback
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +76,10 @@ def objective_value(result: engine.RunResult, metric: str) -> float:
 
 
 def finish_trial(study: optuna.Study, trial: optuna.Trial, job: StudyJob, outcome: Outcome,
-                 callback: engine.Callback | None = None, parent_run_id: str | None = None) -> None:
-    """Ends ``trial`` as ``outcome`` says (see the module docstring). ``callback`` is the trial's
-    ``TrialCallback`` once it has one; a trial without a run gets a FAILED one under ``parent_run_id``."""
+                 callback: TrialCallback | None = None, parent_run_id: str | None = None) -> None:
+    """Ends ``trial`` as ``outcome`` says (see the module docstring). ``callback`` is the trial's callback once it
+    has one: a trial that failed with a callback but no MLflow run yet (a bad config) gets a FAILED run under
+    ``parent_run_id``; one without a callback (reserved, never started) gets none."""
     if outcome.ending == Ending.STALE:
         log.warning(f"trial {trial.number}: {STALE_MESSAGE}")
         return
@@ -85,19 +90,19 @@ def finish_trial(study: optuna.Study, trial: optuna.Trial, job: StudyJob, outcom
     except optuna.exceptions.UpdateFinishedTrialError:
         dropped = "; its result is dropped (the retry runs it again)" if outcome.result is not None else ""
         log.warning(f"trial {trial.number}: {STALE_MESSAGE}{dropped}")
-        return
     except ServiceUnavailable:
         if outcome.ending != Ending.INFRASTRUCTURE:
             raise
         return  # left RUNNING: it goes stale and is queued again once the storage answers
-    if outcome.ending == Ending.COMPLETE:
-        keep_final_weights(study, job, trial.number, outcome.result)
+    else:
+        if outcome.ending == Ending.COMPLETE:
+            keep_final_weights(study, job, trial.number, outcome.result)
     if outcome.ending in ON_ITS_OWN:
         keep_checkpoints(study, job, trial.number)
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, job: StudyJob, outcome: Outcome,
-          callback: engine.Callback | None, parent_run_id: str | None) -> None:
+          callback: TrialCallback | None, parent_run_id: str | None) -> None:
     result = outcome.result
     if outcome.ending == Ending.COMPLETE:
         values = [objective_value(result, metric) for metric in job.spec.metric_names]
@@ -120,7 +125,7 @@ def _tell(study: optuna.Study, trial: optuna.Trial, job: StudyJob, outcome: Outc
         retry_trial(study, failed, RETRIES[outcome.ending])
 
 
-def _record_result(trial: optuna.Trial, result: engine.RunResult, callback: engine.Callback) -> None:
+def _record_result(trial: optuna.Trial, result: engine.RunResult, callback: TrialCallback) -> None:
     """``engine_seconds`` is the engine's own time (data, model, training, evaluation), without the callbacks'
     bookkeeping: against the trial's duration in Optuna (ask to tell), it gives the bookkeeping share, of which
     ``tracking_seconds`` is MLflow's (the run's logger). A fused pack's members each record the pack's

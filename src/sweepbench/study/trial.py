@@ -1,7 +1,7 @@
 """The objective: a trial suggests its parameters, trains the one engine with them, reports every epoch to the
 pruner and ends through ``ending.finish_trial``, as in Optuna's ``pytorch_simple.py`` example. Around that,
-what a shared study needs: an MLflow child run per trial, a heartbeat while it trains, and a quiet stop when
-another worker failed it as stale while this one was paused. A
+what a shared study needs: an MLflow child run per trial and a quiet stop when another worker failed it as stale
+while this one was paused (its worker records its heartbeats: ``coordination.run_worker``). A
 worker may reserve several trials at once (the spec's ``pack``) and train those that can share one stacked model
 fused (``engine.fused``): each is still its own trial, MLflow run and checkpoint."""
 
