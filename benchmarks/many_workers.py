@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -116,8 +117,13 @@ def run_mode(mode: str, args: argparse.Namespace, folder: Path) -> str:
             wall = time.perf_counter() - started
         failed = [index for index, (_, code) in enumerate(commands) if code != 0]
         if failed:
-            log = (folder / f"command-{failed[0]}.log").read_text()
-            sys.exit(f"{mode}: {commands[failed[0]][0]} failed:\n{log[-3000:]}")
+            kept = Path(tempfile.mkdtemp(prefix=f"sweepbench-many-{mode}-failed-"))
+            for log in folder.glob("command-*.log"):
+                shutil.copy(log, kept)
+            lines = (folder / f"command-{failed[0]}.log").read_text().splitlines()
+            said = [line for line in lines if not line.startswith(("trial ", "  "))]
+            sys.exit(f"{mode}: {commands[failed[0]][0]} failed (every command's log: {kept}):\n"
+                     + "\n".join(said[-40:]))
         study = optuna.load_study(study_name="many-workers", storage=url)
         finished = [trial for trial in study.trials if trial.state.is_finished() and trial.values]
         if not finished:
