@@ -31,9 +31,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .. import engine
+from .ending import Ending, Outcome, finish_trial
 from .job import StudyJob
 from .loading import load_study
-from .ending import Ending, Outcome, finish_trial
 from .spec import StudySpec
 from .storage import (FAILURE_ATTR, INFRASTRUCTURE, PARENT_RUN_ATTR, RETRY_HISTORY, RetryingStorage, _heartbeat,
                       _quiet, open_storage, storage_lock)

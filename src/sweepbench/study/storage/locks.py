@@ -108,9 +108,11 @@ class MutexLease(Lease):
         return holder is not None and holder[0] == self.study_id and _owner(holder[1]) == self.token
 
     def renew(self) -> None:
+        """A new count on the lock study; nothing when a waiter took the lock already (``held()`` then says so)."""
         self.renewals += 1
-        STORAGE_RETRY.call(self.storage.set_study_user_attr, self.study_id, MUTEX_TOKEN_ATTR,
-                           f"{self.token}:{self.renewals}")
+        with contextlib.suppress(KeyError):
+            STORAGE_RETRY.call(self.storage.set_study_user_attr, self.study_id, MUTEX_TOKEN_ATTR,
+                               f"{self.token}:{self.renewals}")
 
     def release(self) -> None:
         """Deletes the lock study if it is still this holder's; one line if a waiter took it meanwhile."""
