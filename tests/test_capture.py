@@ -28,10 +28,11 @@ OPTIMIZER_SETTINGS = {"sgd": dict(lr=0.05, momentum=0.9, nesterov=True), "adam":
 # about the sign of that gradient, magnifies rounding). bf16 losses to 4e-3, weights to 1.2e-2 (Adadelta, lr 1.0):
 # the compiled kernels round bfloat16 activations at other places; bf16 against fp32, both eager, differ by 4e-2.
 # A bf16 pack's weights are compared by each tensor's relative norm: RMSprop (lr 1e-3) magnifies bf16 rounding
-# into some weights, 11% of the norm apart compiled against eager, 19% between the eager pack and its solo runs.
+# into some weights, 11% of the norm apart compiled against eager, 19% between the eager pack and its solo runs;
+# its validation loss then differs by up to 1.2% (an Intel Xeon that emulates bf16; train losses agree to 3e-4).
 TOLERANCE = {"fp32": dict(weights=dict(rtol=1e-3, atol=1.5e-3), loss=1e-4, accuracy=0.002),
              "bf16": dict(weights=dict(rtol=5e-2, atol=2.5e-2), loss=1e-2, accuracy=0.005),
-             "bf16 pack": dict(weights_norm=0.15, loss=1e-2, accuracy=0.01)}
+             "bf16 pack": dict(weights_norm=0.15, loss=2e-2, accuracy=0.01)}
 
 
 def config(optimizer: str, precision: str, dropout: float, step: str, device: str = "cpu", **changes) -> RunConfig:
