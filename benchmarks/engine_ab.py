@@ -31,13 +31,18 @@ from fused import SEED_RECIPE, hardware_line  # noqa: E402
 import sweepbench  # noqa: E402
 
 
-def extract(commit: str, folder: Path) -> None:
-    """``src/sweepbench`` at ``commit`` as ``folder/sweepbench_base``."""
+def archive_source(commit: str, folder: Path) -> Path:
+    """``src/sweepbench`` at ``commit`` extracted under ``folder``; returns ``folder/src``."""
     archive = subprocess.run(["git", "-C", str(PROJECT_ROOT), "archive", commit, "src/sweepbench"],
                              check=True, capture_output=True).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(folder, filter="data")
-    (folder / "src" / "sweepbench").rename(folder / "sweepbench_base")
+    return folder / "src"
+
+
+def extract(commit: str, folder: Path) -> None:
+    """``src/sweepbench`` at ``commit`` as ``folder/sweepbench_base``."""
+    (archive_source(commit, folder) / "sweepbench").rename(folder / "sweepbench_base")
 
 
 def epoch_seconds(package, args: argparse.Namespace) -> list[float]:

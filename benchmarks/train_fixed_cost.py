@@ -17,13 +17,11 @@ of such a run that no change of sweepbench removes: the imports of torch (with `
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +31,7 @@ import torch
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from engine_ab import archive_source  # noqa: E402
 from fused import hardware_line  # noqa: E402
 
 FLOOR = {
@@ -45,15 +44,6 @@ FLOOR = {
 }
 TRAIN = ["train", "--model", "cifar_cnn", "--dataset", "cifar10", "--epochs", "1", "--train-subset", "2000",
          "--json"]
-
-
-def extract(commit: str, folder: Path) -> Path:
-    """``src/`` of ``commit`` (its ``sweepbench`` package) under ``folder``; returns the ``src`` folder."""
-    archive = subprocess.run(["git", "-C", str(PROJECT_ROOT), "archive", commit, "src/sweepbench"],
-                             check=True, capture_output=True).stdout
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(folder, filter="data")
-    return folder / "src"
 
 
 def run_train(source: Path, store: Path, data_dir: str) -> tuple[float, float]:
@@ -94,7 +84,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sweepbench-fixed-cost-") as folder:
         if args.floor:
             print_floor(Path(folder))
-        trees = {"before": extract(args.base, Path(folder) / "base"), "after": PROJECT_ROOT / "src"}
+        trees = {"before": archive_source(args.base, Path(folder) / "base"), "after": PROJECT_ROOT / "src"}
         stores = {label: Path(folder) / f"store-{label}" for label in trees}
         for label, source in trees.items():
             stores[label].mkdir()
