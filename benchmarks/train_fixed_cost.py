@@ -11,9 +11,10 @@ fraction of before (the issue's goal: under a third). ``--floor`` first times, e
 of such a run that no change of sweepbench removes: the imports of torch (with ``torch._dynamo``, which the first
 ``torch.optim`` optimizer imports) and MLflow, and the opening of a SQLite store. ``--untracked`` adds, in each
 round, this tree's command with ``--no-mlflow``: the fixed part of a run that logs nothing at all, which no way of
-doing the tracking (in this process or beside it) can go under.
+doing the tracking (in this process or beside it) can go under. ``--beside`` adds ``tracking_beside.py``: MLflow's
+side in a second process beside training, a bound on that design.
 
-    .venv/bin/python benchmarks/train_fixed_cost.py --base c3c3567 [--rounds 3] [--floor] [--untracked]
+    .venv/bin/python benchmarks/train_fixed_cost.py --base c3c3567 [--rounds 3] [--floor] [--untracked] [--beside]
                                                     [--data-dir ../shared/data]
 """
 
@@ -49,11 +50,19 @@ TRAIN = ["train", "--model", "cifar_cnn", "--dataset", "cifar10", "--epochs", "1
          "--json"]
 
 
-def run_train(source: Path, store: Path, data_dir: str, tracked: bool = True) -> tuple[float, float]:
-    """One ``train`` command with ``source`` first on the path, logged to ``store`` or (``tracked`` false) with
-    ``--no-mlflow``: (wall seconds, training seconds)."""
-    tracking = ["--tracking-uri", f"sqlite:///{store}/mlflow.db"] if tracked else ["--no-mlflow"]
-    command = [sys.executable, "-m", "sweepbench.cli", *TRAIN, "--data-dir", data_dir, *tracking]
+def train_command(label: str, store: Path, data_dir: str) -> list[str]:
+    """The command a label times: ``train`` logged to ``store``, with ``--no-mlflow`` (``untracked``), or the
+    second-process bound (``beside``)."""
+    uri = f"sqlite:///{store}/mlflow.db"
+    if label == "beside":
+        return [sys.executable, str(Path(__file__).resolve().parent / "tracking_beside.py"), uri, "--data-dir",
+                data_dir]
+    tracking = ["--no-mlflow"] if label == "untracked" else ["--tracking-uri", uri]
+    return [sys.executable, "-m", "sweepbench.cli", *TRAIN, "--data-dir", data_dir, *tracking]
+
+
+def run_train(source: Path, command: list[str], store: Path) -> tuple[float, float]:
+    """``command`` in ``store`` with ``source`` first on the path: (wall seconds, training seconds)."""
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=store,
                           env={**os.environ, "PYTHONPATH": str(source)})
@@ -83,6 +92,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--floor", action="store_true", help="first time the imports no change of ours removes")
     parser.add_argument("--untracked", action="store_true", help="also time this tree's command with --no-mlflow")
+    parser.add_argument("--beside", action="store_true", help="also time tracking_beside.py (a second process)")
     parser.add_argument("--data-dir", default=str(PROJECT_ROOT.parent / "shared" / "data"))
     args = parser.parse_args()
     print(hardware_line(torch.device("cpu")))
@@ -90,26 +100,26 @@ def main() -> None:
         if args.floor:
             print_floor(Path(folder))
         trees = {"before": archive_source(args.base, Path(folder) / "base"), "after": PROJECT_ROOT / "src"}
-        if args.untracked:
-            trees["untracked"] = PROJECT_ROOT / "src"
+        trees.update({label: PROJECT_ROOT / "src" for label in ("untracked", "beside") if getattr(args, label)})
         stores = {label: Path(folder) / f"store-{label}" for label in trees}
+        commands = {label: train_command(label, stores[label], args.data_dir) for label in trees}
         for label, source in trees.items():
             stores[label].mkdir()
-            run_train(source, stores[label], args.data_dir, tracked=label != "untracked")
+            run_train(source, commands[label], stores[label])
         fixed: dict[str, list[float]] = {label: [] for label in trees}
         for round_index in range(args.rounds):
             order = list(trees) if round_index % 2 == 0 else list(reversed(trees))
             for label in order:
-                wall, training = run_train(trees[label], stores[label], args.data_dir, tracked=label != "untracked")
+                wall, training = run_train(trees[label], commands[label], stores[label])
                 fixed[label].append(wall - training)
                 print(f"round {round_index + 1} {label:9} wall {wall:5.1f} s, training {training:4.2f} s, "
                       f"fixed {wall - training:5.1f} s", flush=True)
     medians = {label: statistics.median(values) for label, values in fixed.items()}
     print(f"median fixed part: before {medians['before']:.1f} s, after {medians['after']:.1f} s, "
           f"after/before {medians['after'] / medians['before']:.2f} (goal: under 0.33)")
-    if args.untracked:
-        print(f"untracked (--no-mlflow, this tree): {medians['untracked']:.1f} s, "
-              f"{medians['untracked'] / medians['before']:.2f} of before")
+    for label in ("untracked", "beside"):
+        if label in medians:
+            print(f"{label}: {medians[label]:.1f} s, {medians[label] / medians['before']:.2f} of before")
 
 
 if __name__ == "__main__":
