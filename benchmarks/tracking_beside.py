@@ -55,22 +55,26 @@ def main() -> None:
     child = subprocess.Popen([sys.executable, "-c", CHILD, args.tracking_uri, json.dumps(TRAIN)],
                              stdin=subprocess.PIPE, text=True)
 
-    import torch
+    import torch  # only now, so that the child's imports run beside these (hence the callback class in here)
 
     from sweepbench.config import RunConfig
     from sweepbench.engine import Callback, train
     from sweepbench.engine.loaders import normalise
 
     class HandOver(Callback):
-        """Sends the child the trained model after the last epoch, the test results at the end."""
+        """Sends the child the trained model after the last epoch (through files in ``folder``), the test
+        results at the end."""
+
+        def __init__(self, child: subprocess.Popen, folder: Path) -> None:
+            self.child, self.folder = child, folder
 
         def on_epoch_end(self, context, record) -> None:
             if record.epoch < context.config.epochs:
                 return
-            dataset = context.dataset
-            torch.save(context.model.state_dict(), folder / "weights.pt")
-            torch.save(normalise(dataset.x_val[:4], dataset.mean, dataset.std), folder / "example.pt")
-            self.send({"weights": str(folder / "weights.pt"), "example": str(folder / "example.pt"),
+            dataset, weights, example = context.dataset, self.folder / "weights.pt", self.folder / "example.pt"
+            torch.save(context.model.state_dict(), weights)
+            torch.save(normalise(dataset.x_val[:4], dataset.mean, dataset.std), example)
+            self.send({"weights": str(weights), "example": str(example),
                        "epochs": record.epoch, "train_loss": record.train_loss,
                        "val_accuracy": record.val_accuracy})
 
@@ -79,12 +83,11 @@ def main() -> None:
                        "classes": list(context.dataset.classes)})
 
         def send(self, message: dict) -> None:
-            child.stdin.write(json.dumps(message) + "\n")
-            child.stdin.flush()
+            self.child.stdin.write(json.dumps(message) + "\n")
+            self.child.stdin.flush()
 
-    with tempfile.TemporaryDirectory(prefix="sweepbench-beside-") as name:
-        folder = Path(name)
-        result = train(RunConfig(**TRAIN, data_dir=args.data_dir), [HandOver()])
+    with tempfile.TemporaryDirectory(prefix="sweepbench-beside-") as folder:
+        result = train(RunConfig(**TRAIN, data_dir=args.data_dir), [HandOver(child, Path(folder))])
         if child.wait() != 0:
             raise SystemExit(f"the tracking process exited {child.returncode}")
     print(json.dumps({"wall_seconds": time.perf_counter() - STARTED,

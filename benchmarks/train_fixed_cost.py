@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--beside", action="store_true", help="also time tracking_beside.py (a second process)")
     parser.add_argument("--data-dir", default=str(PROJECT_ROOT.parent / "shared" / "data"))
     args = parser.parse_args()
+    args.data_dir = str(Path(args.data_dir).resolve())  # each command runs in its store's folder
     print(hardware_line(torch.device("cpu")))
     with tempfile.TemporaryDirectory(prefix="sweepbench-fixed-cost-") as folder:
         if args.floor:
