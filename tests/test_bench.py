@@ -247,6 +247,54 @@ def test_loader_axis_compares_with_the_torchvision_reference(tmp_path, data_dir)
         assert table.loc[("cuda/fp32", "device")].status == "skipped: CUDA not available"
 
 
+def repeat_runs(client: MlflowClient, experiment_id: str) -> list:
+    """The benchmark's repeat runs in the order they started."""
+    runs = client.search_runs([experiment_id], "tags.sweepbench.kind = 'repeat'", max_results=1000)
+    return sorted(runs, key=lambda run: run.info.start_time)
+
+
+def test_repeats_run_in_rounds_across_the_cells(tmp_path, data_dir):
+    spec = small_spec(tmp_path, data_dir, precisions=("cpu/fp32", "cuda/fp32"), grid="batch_sizes = [64, 128]")
+    report = run_benchmark(spec, sqlite_uri(tmp_path))
+    client = MlflowClient(sqlite_uri(tmp_path))
+    order = [(run.data.tags["repeat"], run.data.tags["benchmark_cell"])
+             for run in repeat_runs(client, report.experiment_id)]
+    first, second = "mnist_mlp cpu/fp32 device bs64", "mnist_mlp cpu/fp32 device bs128"
+    assert order == [("1", first), ("1", second), ("2", first), ("2", second)]
+    ran = report.table[report.table.precision == "cpu/fp32"]
+    assert (ran.status == "ok").all() and (ran.repeats == 2).all() and (ran.peak_memory_mb > 0).all()
+    cells = client.search_runs([report.experiment_id], "tags.sweepbench.kind = 'cell'")
+    assert sorted(run.info.status for run in cells) == ["FINISHED", "FINISHED", "KILLED", "KILLED"]  # CUDA skipped
+
+
+def test_an_interrupt_between_rounds_ends_every_cell_not_done_killed_and_the_parent_killed(tmp_path, data_dir,
+                                                                                          monkeypatch):
+    """Ctrl-C as the second round starts: both cells have a finished repeat and neither is done."""
+    import sweepbench.bench.run as bench_run
+
+    calls, train = [], bench_run.train
+
+    def interrupted_on_the_third_repeat(config, callbacks):
+        calls.append(config.batch_size)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return train(config, callbacks)
+
+    monkeypatch.setattr(bench_run, "train", interrupted_on_the_third_repeat)
+    spec = small_spec(tmp_path, data_dir, grid="batch_sizes = [64, 128]")
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(spec, sqlite_uri(tmp_path), experiment="interrupted")
+    client = MlflowClient(sqlite_uri(tmp_path))
+    experiment_id = client.get_experiment_by_name("interrupted").experiment_id
+    runs = client.search_runs([experiment_id], max_results=1000)
+    kinds = {kind: [run for run in runs if run.data.tags["sweepbench.kind"] == kind]
+             for kind in ("bench", "cell", "repeat")}
+    assert calls == [64, 128, 64] and [run.info.status for run in kinds["bench"]] == ["KILLED"]
+    assert [run.info.status for run in kinds["cell"]] == ["KILLED", "KILLED"]
+    assert {run.data.tags["status"] for run in kinds["cell"]} == {"killed: interrupted"}
+    assert sorted(run.info.status for run in kinds["repeat"]) == ["FINISHED", "FINISHED"]  # kept, not lost
+
+
 def test_a_cell_projected_past_its_budget_is_cut_after_its_first_timed_epoch_and_reported(tmp_path, data_dir):
     spec = small_spec(tmp_path, data_dir, benchmark="cell_budget_seconds = 0.01", model="epochs = 4")
     report = run_benchmark(spec, sqlite_uri(tmp_path))

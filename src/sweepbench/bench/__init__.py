@@ -2,7 +2,9 @@
 
 A benchmark file (``benchmarks/*.toml``) declares models x precisions, where a precision is a device/precision
 pair such as ``cuda/fp16``, and optionally x loaders, ``torch.compile`` and batch sizes. Each cell of that grid
-is trained ``repeats`` times by the one engine, repeat ``r`` (from 0) with seed ``seed + r``.
+is trained ``repeats`` times by the one engine, repeat ``r`` (from 0) with seed ``seed + r``. The repeats run in
+rounds, repeat ``r`` of every cell before repeat ``r + 1`` of any, so that a slow phase of the machine falls on one
+repeat of several cells (which their medians leave out) rather than on every repeat of one.
 
 Timing: the first ``warmup_epochs`` epochs of every repeat are left out (allocator, cuDNN autotuning, compile);
 a repeat's figure is the median of its remaining epochs (training pass only, CUDA-synchronised by the engine),

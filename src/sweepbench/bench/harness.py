@@ -8,6 +8,7 @@ pack size)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Generic, Protocol, Sequence, TypeVar
 
 import pandas as pd
@@ -55,7 +56,10 @@ class Published:
 
 class Instance(Protocol[CellT, OutcomeT]):
     """One kind of benchmark: its cells, how one runs under the parent run, and what the outcomes publish
-    (None when there is nothing to publish yet: a comparison with too few paired seeds, say)."""
+    (None when there is nothing to publish yet: a comparison with too few paired seeds, say). The harness runs
+    the cells in order, one to its end before the next; an instance whose cells share the machine's time
+    (the device matrix interleaves its cells' repeats in rounds) runs them itself in a method
+    ``run_cells(parent, on_cell) -> list[OutcomeT]``, calling ``on_cell`` as each is done."""
 
     def cells(self) -> Sequence[CellT]: ...
     def run_cell(self, cell: CellT, parent: Parent) -> OutcomeT: ...
@@ -73,16 +77,14 @@ class HarnessResult(Generic[OutcomeT]):
 def run_harness(instance: Instance[CellT, OutcomeT], parent: Parent,
                 on_cell: Callable[[OutcomeT], None] | None = None,
                 after_cells: Callable[[], None] | None = None) -> HarnessResult[OutcomeT]:
-    """Runs every cell of ``instance`` in order under ``parent``'s run, then publishes on it, and ends it:
-    FINISHED, FAILED when a cell failed (``instance.failed``) or the harness raised, KILLED on Ctrl-C.
-    ``after_cells`` runs once the cells are done, whatever happened (stopping a monitor, say)."""
+    """Runs every cell of ``instance`` under ``parent``'s run (in order, or as its ``run_cells`` does), then
+    publishes on it, and ends it: FINISHED, FAILED when a cell failed (``instance.failed``) or the harness
+    raised, KILLED on Ctrl-C. ``after_cells`` runs once the cells are done, whatever happened (stopping a
+    monitor, say)."""
     with parent.store.lifecycle(parent.run_id) as ending:
-        outcomes: list[OutcomeT] = []
+        run_cells = getattr(instance, "run_cells", None) or partial(_run_in_order, instance)
         try:
-            for cell in instance.cells():
-                outcomes.append(instance.run_cell(cell, parent))
-                if on_cell is not None:
-                    on_cell(outcomes[-1])
+            outcomes: list[OutcomeT] = run_cells(parent, on_cell)
         finally:
             if after_cells is not None:
                 after_cells()
@@ -93,6 +95,16 @@ def run_harness(instance: Instance[CellT, OutcomeT], parent: Parent,
             publish(parent, published)
             ending.tags = dict(published.tags)
     return HarnessResult(outcomes, published, ending.status)
+
+
+def _run_in_order(instance: Instance[CellT, OutcomeT], parent: Parent,
+                  on_cell: Callable[[OutcomeT], None] | None) -> list[OutcomeT]:
+    outcomes: list[OutcomeT] = []
+    for cell in instance.cells():
+        outcomes.append(instance.run_cell(cell, parent))
+        if on_cell is not None:
+            on_cell(outcomes[-1])
+    return outcomes
 
 
 def publish(parent: Parent, published: Published) -> None:

@@ -7,7 +7,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 import torch
@@ -86,63 +86,114 @@ class CellBudget(Callback):
                                f"epochs, past the cell budget of {self.budget:g} s", status=RunStatus.STOPPED)
 
 
-def _run_repeats(cell: Cell, spec: BenchSpec, parent: Parent, system: SystemMetrics | None,
-                 cell_run_id: str) -> tuple[list[RunResult], list[float], CellBudget | None]:
-    """The repeats' results, the 1-minute load average after each (other work on the machine shows there) and
-    the budget that watched the first repeat (None without one)."""
-    results, loads = [], []
-    budget = (None if spec.cell_budget_seconds is None
-              else CellBudget(spec.cell_budget_seconds, spec.warmup_epochs, spec.repeats))
-    for repeat in range(1, spec.repeats + 1):
-        logger = MlflowLogger(parent.experiment, parent.store.tracking_uri, f"{cell.label} repeat {repeat}",
-                              cell_run_id, tags={"repeat": str(repeat), "benchmark_cell": cell.label},
+class CellRun:
+    """One cell of the matrix across the benchmark's rounds: its MLflow run (a child of the parent's, started at
+    once), its repeats so far, and its outcome once it is done (``outcome``). A cell that cannot run here is done
+    at once, recorded as skipped."""
+
+    def __init__(self, cell: Cell, spec: BenchSpec, parent: Parent, system: SystemMetrics | None) -> None:
+        self.cell, self.spec, self.parent, self.system = cell, spec, parent, system
+        self.results: list[RunResult] = []
+        self.loads: list[float] = []  # the 1-minute load average after each repeat: other work shows there
+        self.budget = (None if spec.cell_budget_seconds is None
+                       else CellBudget(spec.cell_budget_seconds, spec.warmup_epochs, spec.repeats))
+        self.outcome: CellOutcome | None = None
+        reason = cell_skip_reason(cell)
+        hardware = {} if reason else environment_tags(resolve_device(cell.device))
+        self.run_id = start_cell_run(parent, cell, hardware)
+        if reason is not None:
+            self.outcome = CellOutcome(cell, f"skipped: {reason}", self.run_id,
+                                       cell_figures(cell, [], spec.warmup_epochs))
+            parent.store.end_run(self.run_id, MlflowStatus.KILLED, {"status": self.outcome.status, "skipped": reason})
+
+    def run_repeat(self, repeat: int) -> None:
+        """Trains repeat ``repeat`` (from 1, seed ``seed + repeat - 1``); the cell is done after its last repeat
+        or one that did not complete. A failing repeat (a crash inside ``torch.compile``, say) fails the cell and
+        the benchmark goes on; a ``ConfigError`` or a missing dataset is a mistake in the spec or the setup, and
+        is raised once the cell's run is ended FAILED."""
+        try:
+            result = train(self.cell.config.replace(seed=self.cell.config.seed + repeat - 1), self._callbacks(repeat))
+        except Exception as exc:
+            self._end(CellOutcome(self.cell, f"failed: {type(exc).__name__}: {exc}", self.run_id,
+                                  cell_figures(self.cell, [], self.spec.warmup_epochs)), MlflowStatus.FAILED)
+            if isinstance(exc, (ConfigError, DataNotFoundError)):
+                raise
+            return
+        self.results.append(result)
+        self.loads.append(os.getloadavg()[0])
+        if result.status != RunStatus.COMPLETED or repeat == self.spec.repeats:
+            self._finish()
+
+    def _callbacks(self, repeat: int) -> list[Callback]:
+        logger = MlflowLogger(self.parent.experiment, self.parent.store.tracking_uri,
+                              f"{self.cell.label} repeat {repeat}", self.run_id,
+                              tags={"repeat": str(repeat), "benchmark_cell": self.cell.label},
                               log_model=False, log_artifacts=False, kind="repeat")
-        callbacks = [logger, budget] if budget is not None and repeat == 1 else [logger]
-        if system is not None:  # first: stopped before the warm-up's last record is logged
-            callbacks.insert(0, PausedWhileTimed(system, spec.warmup_epochs))
-        results.append(train(cell.config.replace(seed=cell.config.seed + repeat - 1), callbacks))
-        loads.append(os.getloadavg()[0])
-        if results[-1].status != RunStatus.COMPLETED:
-            break
-    return results, loads, budget
+        callbacks: list[Callback] = [logger, self.budget] if self.budget is not None and repeat == 1 else [logger]
+        if self.system is not None:  # first: stopped before the warm-up's last record is logged
+            callbacks.insert(0, PausedWhileTimed(self.system, self.spec.warmup_epochs))
+        return callbacks
+
+    def _finish(self) -> None:
+        """The cell's figures over its repeats, logged on its run, which ends with the last repeat's status."""
+        last = self.results[-1]
+        status = "ok" if last.status == RunStatus.COMPLETED else f"{last.status}: {last.message}"
+        was_cut = self.budget is not None and self.budget.projected is not None
+        figures = cell_figures(self.cell, self.results, self.spec.warmup_epochs, self.loads, cut=was_cut)
+        if was_cut:
+            status, figures["projected_s"] = last.message, self.budget.projected
+        outcome = CellOutcome(self.cell, status, self.run_id, figures)
+        self.parent.store.log(self.run_id, metrics=_finite(outcome.figures))
+        self._end(outcome, mlflow_status(last.status))
+
+    def _end(self, outcome: CellOutcome, status: str) -> None:
+        self.parent.store.end_run(self.run_id, status, {"status": outcome.status})
+        self.outcome = outcome
+
+    def stop(self, reason: str) -> None:
+        """Ends the run of a cell that is not done, KILLED, when the benchmark stops before it (Ctrl-C, a
+        mistake in the spec found by another cell)."""
+        if self.outcome is None:
+            self.parent.store.end_run(self.run_id, MlflowStatus.KILLED, {"status": f"{RunStatus.KILLED}: {reason}"})
+
+
+def run_cells(cells: Sequence[Cell], spec: BenchSpec, parent: Parent, system: SystemMetrics | None = None,
+              on_cell: Callable[[CellOutcome], None] | None = None) -> list[CellOutcome]:
+    """Runs the cells' repeats in rounds, repeat r of every cell before repeat r + 1 of any, under runs that are
+    children of ``parent``'s; ``on_cell`` sees each cell's outcome once it is done. Interleaved, a slow phase of
+    the machine (benchmarks/RESULTS.md: a VM can run a third slower for tens of seconds) falls on one repeat of
+    several cells, which their medians leave out, rather than on every repeat of one cell. ``system``, the
+    parent's system metrics monitor, is paused while an epoch is timed. On Ctrl-C, or a mistake in the spec that
+    a cell finds, the cells not done end KILLED and the exception goes on."""
+    runs: list[CellRun] = []
+    try:
+        for cell in cells:
+            runs.append(CellRun(cell, spec, parent, system))
+            _announce(runs[-1], on_cell)
+        for repeat in range(1, spec.repeats + 1):
+            for run in runs:
+                if run.outcome is None:
+                    run.run_repeat(repeat)
+                    _announce(run, on_cell)
+    except KeyboardInterrupt:
+        for run in runs:
+            run.stop("interrupted")
+        raise
+    except Exception as exc:
+        for run in runs:
+            run.stop(f"the benchmark stopped: {type(exc).__name__}")
+        raise
+    return [run.outcome for run in runs]
+
+
+def _announce(run: CellRun, on_cell: Callable[[CellOutcome], None] | None) -> None:
+    if run.outcome is not None and on_cell is not None:
+        on_cell(run.outcome)
 
 
 def run_cell(cell: Cell, spec: BenchSpec, parent: Parent, system: SystemMetrics | None = None) -> CellOutcome:
-    """Runs one cell's repeats under its own MLflow run, a child of ``parent``'s; a cell that cannot run here is
-    recorded as skipped. ``system``, the parent's system metrics monitor, is paused while an epoch is timed.
-
-    A failing cell (a crash inside ``torch.compile``, say) is recorded and the benchmark goes on; a
-    ``ConfigError`` or a missing dataset is a mistake in the spec or the setup, and stops it.
-    """
-    reason = cell_skip_reason(cell)
-    hardware = {} if reason else environment_tags(resolve_device(cell.device))
-    store, run_id = parent.store, start_cell_run(parent, cell, hardware)
-    if reason is not None:
-        outcome = CellOutcome(cell, f"skipped: {reason}", run_id, cell_figures(cell, [], spec.warmup_epochs))
-        store.end_run(run_id, MlflowStatus.KILLED, {"status": outcome.status, "skipped": reason})
-        return outcome
-    try:
-        results, loads, budget = _run_repeats(cell, spec, parent, system, run_id)
-    except KeyboardInterrupt:
-        store.end_run(run_id, MlflowStatus.KILLED, {"status": f"{RunStatus.KILLED}: interrupted"})
-        raise
-    except Exception as exc:
-        outcome = CellOutcome(cell, f"failed: {type(exc).__name__}: {exc}", run_id,
-                              cell_figures(cell, [], spec.warmup_epochs))
-        store.end_run(run_id, MlflowStatus.FAILED, {"status": outcome.status})
-        if isinstance(exc, (ConfigError, DataNotFoundError)):
-            raise
-        return outcome
-    last = results[-1]
-    status = "ok" if last.status == RunStatus.COMPLETED else f"{last.status}: {last.message}"
-    was_cut = budget is not None and budget.projected is not None
-    figures = cell_figures(cell, results, spec.warmup_epochs, loads, cut=was_cut)
-    if was_cut:
-        status, figures["projected_s"] = last.message, budget.projected
-    outcome = CellOutcome(cell, status, run_id, figures)
-    store.log(run_id, metrics=_finite(outcome.figures))
-    store.end_run(run_id, mlflow_status(last.status), {"status": status})
-    return outcome
+    """One cell's repeats, on their own (``run_cells`` of that cell alone)."""
+    return run_cells([cell], spec, parent, system)[0]
 
 
 def _finite(values: dict[str, Any]) -> dict[str, float]:
@@ -193,6 +244,10 @@ class DeviceMatrix:
 
     def run_cell(self, cell: Cell, parent: Parent) -> CellOutcome:
         return run_cell(cell, self.spec, parent, self.system)
+
+    def run_cells(self, parent: Parent, on_cell: Callable[[CellOutcome], None] | None = None) -> list[CellOutcome]:
+        """Every cell, their repeats interleaved in rounds (``run_cells``)."""
+        return run_cells(self.cells(), self.spec, parent, self.system, on_cell)
 
     def failed(self, outcome: CellOutcome) -> bool:
         return False

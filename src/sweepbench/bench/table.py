@@ -44,7 +44,9 @@ def cell_figures(cell: Cell, results: Sequence[RunResult], warmup_epochs: int,
     """A cell's figures over its completed repeats (None where none completed), as table columns; of a ``cut``
     cell, the epoch figures of its one cut repeat.
     ``load_1m_max``: the highest 1-minute load average seen after a repeat; the benchmark alone makes it
-    about the number of torch threads, so a higher figure means other work shared the cores."""
+    about the number of torch threads, so a higher figure means other work shared the cores. ``peak_memory_mb``:
+    the first repeat's; on a CPU it is the process's peak so far, and the first round runs the cells in grid
+    order, so a later round's repeat would read every cell's peak."""
     completed = [result for result in results if result.status == RunStatus.COMPLETED]
     timed_runs = results if cut else completed  # a cut cell's one timed epoch is a figure
     timed = [result.history[warmup_epochs:] for result in timed_runs]
@@ -65,7 +67,7 @@ def cell_figures(cell: Cell, results: Sequence[RunResult], warmup_epochs: int,
         "time_to_target_s": _median_or_none(reached),
         "target_reached": f"{len(reached)}/{len(completed)}" if target is not None and completed else None,
         "test_accuracy": _median_or_none([result.test_accuracy for result in completed]),
-        "peak_memory_mb": max((result.peak_memory_mb for result in completed), default=None),
+        "peak_memory_mb": completed[0].peak_memory_mb if completed else None,
         "load_1m_max": max(loads, default=None),
     }
 
