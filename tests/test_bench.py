@@ -189,6 +189,9 @@ def test_quick_grid_on_cpu_fills_the_cpu_rows_and_skips_cuda_with_mlflow_runs(tm
     assert set(cpu.precision) == {"cpu/fp32", "cpu/bf16"} and len(ran) + len(cut) == len(cpu) == 6
     assert set(cut.precision) <= ({"cpu/bf16"} if cpu_support("bf16") == "emulated" else set())
     assert (cut.projected_s > 45).all() if len(cut) else True
+    if not torch.cuda.is_available():  # the CUDA cells are skipped before the first round, a cut cell after it
+        assert [line for line in completed.stderr.splitlines() if line.startswith("round ")] == [
+            "round 1/2: repeat 1 of 6 cell(s)", f"round 2/2: repeat 2 of {6 - len(cut)} cell(s)"]
     assert (ran.repeats == 2).all() and (ran.test_accuracy > 0.2).all() and (ran.peak_memory_mb > 0).all()
     assert (cpu.samples_per_s > 0).all() and (ran.train_s > 0).all() and (cpu.load_1m_max >= 0).all()
     assert (ran.epoch_s_min <= ran.epoch_s_median).all() and (ran.epoch_s_median <= ran.epoch_s_max).all()

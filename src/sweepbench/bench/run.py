@@ -157,10 +157,15 @@ class CellRun:
             self.parent.store.end_run(self.run_id, MlflowStatus.KILLED, {"status": f"{RunStatus.KILLED}: {reason}"})
 
 
+RoundHook = Callable[[int, int, int], None]  # (round, rounds, cells in it), as a round starts
+
+
 def run_cells(cells: Sequence[Cell], spec: BenchSpec, parent: Parent, system: SystemMetrics | None = None,
-              on_cell: Callable[[CellOutcome], None] | None = None) -> list[CellOutcome]:
+              on_cell: Callable[[CellOutcome], None] | None = None,
+              on_round: RoundHook | None = None) -> list[CellOutcome]:
     """Runs the cells' repeats in rounds, repeat r of every cell before repeat r + 1 of any, under runs that are
-    children of ``parent``'s; ``on_cell`` sees each cell's outcome once it is done. Interleaved, a slow phase of
+    children of ``parent``'s; ``on_cell`` sees each cell's outcome once it is done, ``on_round`` each round as it
+    starts (progress: the outcomes come in the last round). Interleaved, a slow phase of
     the machine (benchmarks/RESULTS.md: a VM can run a third slower for tens of seconds) falls on one repeat of
     several cells, which their medians leave out, rather than on every repeat of one cell. ``system``, the
     parent's system metrics monitor, is paused while an epoch is timed. On Ctrl-C, or a mistake in the spec that
@@ -171,10 +176,12 @@ def run_cells(cells: Sequence[Cell], spec: BenchSpec, parent: Parent, system: Sy
             runs.append(CellRun(cell, spec, parent, system))
             _announce(runs[-1], on_cell)
         for repeat in range(1, spec.repeats + 1):
-            for run in runs:
-                if run.outcome is None:
-                    run.run_repeat(repeat)
-                    _announce(run, on_cell)
+            left = [run for run in runs if run.outcome is None]
+            if left and on_round is not None:
+                on_round(repeat, spec.repeats, len(left))
+            for run in left:
+                run.run_repeat(repeat)
+                _announce(run, on_cell)
     except KeyboardInterrupt:
         for run in runs:
             run.stop("interrupted")
@@ -238,6 +245,7 @@ class DeviceMatrix:
 
     spec: BenchSpec
     system: SystemMetrics | None = None  # the parent's system metrics, paused while an epoch is timed
+    on_round: RoundHook | None = None
 
     def cells(self) -> list[Cell]:
         return self.spec.cells
@@ -247,7 +255,7 @@ class DeviceMatrix:
 
     def run_cells(self, parent: Parent, on_cell: Callable[[CellOutcome], None] | None = None) -> list[CellOutcome]:
         """Every cell, their repeats interleaved in rounds (``run_cells``)."""
-        return run_cells(self.cells(), self.spec, parent, self.system, on_cell)
+        return run_cells(self.cells(), self.spec, parent, self.system, on_cell, self.on_round)
 
     def failed(self, outcome: CellOutcome) -> bool:
         return False
@@ -269,15 +277,16 @@ class DeviceMatrix:
 
 def run_benchmark(spec: BenchSpec, tracking_uri: str | None = None, experiment: str | None = None,
                   on_cell: Callable[[CellOutcome], None] | None = None,
-                  system_metrics: bool = True) -> BenchReport:
-    """Runs every cell of ``spec`` under one MLflow parent run and returns the table. The parent run has
-    MLflow's system metrics, sampled everywhere but in the timed epochs (``tracking.system``)."""
+                  system_metrics: bool = True, on_round: RoundHook | None = None) -> BenchReport:
+    """Runs every cell of ``spec`` under one MLflow parent run and returns the table (the repeats in rounds:
+    ``run_cells``). The parent run has MLflow's system metrics, sampled everywhere but in the timed epochs
+    (``tracking.system``)."""
     store = Store(tracking_uri)
     experiment = experiment or f"bench-{spec.name}"
     experiment_id = store.experiment(experiment, spec.description or None)
     parent = Parent(store, experiment, experiment_id, store.start_run(experiment_id, spec.name, "bench",
                                                                       _parent_tags(spec)))
-    matrix = DeviceMatrix(spec, start_system_metrics(store.tracking_uri, parent.run_id, system_metrics))
+    matrix = DeviceMatrix(spec, start_system_metrics(store.tracking_uri, parent.run_id, system_metrics), on_round)
     result = run_harness(matrix, parent, on_cell, after_cells=matrix.stop_monitor)
     return BenchReport(spec, result.outcomes, result.published.table, parent.run_id, experiment, experiment_id,
                        store.tracking_uri)

@@ -249,7 +249,7 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"benchmark {spec.name}: {len(spec.cells)} cells x {spec.repeats} repeats", file=sys.stderr, flush=True)
     report = run_benchmark(spec, args.tracking_uri, args.experiment,
                            on_cell=lambda outcome: print(outcome.describe(), file=sys.stderr, flush=True),
-                           system_metrics=not args.no_system_metrics)
+                           system_metrics=not args.no_system_metrics, on_round=_print_round)
     text = export_table(report.table, args.format, title=f"benchmark {report.spec.name}")
     print(text)
     if args.output:
@@ -260,6 +260,8 @@ def _bench(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def _print_round(round_number: int, rounds: int, cells: int) -> None:
+    print(f"round {round_number}/{rounds}: repeat {round_number} of {cells} cell(s)", file=sys.stderr, flush=True)
 
 
 def add_runs_parser(commands: argparse._SubParsersAction) -> None:
