@@ -46,7 +46,7 @@ def cell_figures(cell: Cell, results: Sequence[RunResult], warmup_epochs: int,
     ``load_1m_max``: the highest 1-minute load average seen after a repeat; the benchmark alone makes it
     about the number of torch threads, so a higher figure means other work shared the cores. ``peak_memory_mb``:
     the first repeat's; on a CPU it is the process's peak so far, and the first round runs the cells in grid
-    order, so a later round's repeat would read every cell's peak."""
+    order, so a later round's repeat would read the peak of the whole first round."""
     completed = [result for result in results if result.status == RunStatus.COMPLETED]
     timed_runs = results if cut else completed  # a cut cell's one timed epoch is a figure
     timed = [result.history[warmup_epochs:] for result in timed_runs]
