@@ -4,7 +4,7 @@ A benchmark file (``benchmarks/*.toml``) declares models x precisions, where a p
 pair such as ``cuda/fp16``, and optionally x loaders, ``torch.compile`` and batch sizes. Each cell of that grid
 is trained ``repeats`` times by the one engine, repeat ``r`` (from 0) with seed ``seed + r``. The repeats run in
 rounds, repeat ``r`` of every cell before repeat ``r + 1`` of any, so that a slow phase of the machine falls on one
-repeat of several cells (which their medians leave out) rather than on every repeat of one.
+repeat of several cells (which a median of three or more repeats leaves out) rather than on every repeat of one.
 
 Timing: the first ``warmup_epochs`` epochs of every repeat are left out (allocator, cuDNN autotuning, compile);
 a repeat's figure is the median of its remaining epochs (training pass only, CUDA-synchronised by the engine),
@@ -17,7 +17,8 @@ Each cell is compared with its baseline cell: the same model and settings with t
 
 MLflow: one parent run per benchmark holding the table (csv, md, html), a speed-up chart and the spec; one
 child run per cell with the cell's figures (a skipped cell's run is KILLED, tagged ``skipped=<reason>``); and
-under each cell one run per repeat, logged by ``MlflowLogger``.
+under each cell one run per repeat, logged by ``MlflowLogger``. A benchmark stopped before its end (Ctrl-C, an
+error) ends every cell not done KILLED, with the figures of the repeats it finished.
 
 The package keeps the spec apart from running it:
 

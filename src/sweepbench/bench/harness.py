@@ -59,7 +59,8 @@ class Instance(Protocol[CellT, OutcomeT]):
     (None when there is nothing to publish yet: a comparison with too few paired seeds, say). The harness runs
     the cells in order, one to its end before the next; an instance whose cells share the machine's time
     (the device matrix interleaves its cells' repeats in rounds) runs them itself in a method
-    ``run_cells(parent, on_cell) -> list[OutcomeT]``, calling ``on_cell`` as each is done."""
+    ``run_cells(parent, on_cell) -> list[OutcomeT]``, calling ``on_cell`` as each is done and returning the
+    outcomes in the order of ``cells()``."""
 
     def cells(self) -> Sequence[CellT]: ...
     def run_cell(self, cell: CellT, parent: Parent) -> OutcomeT: ...

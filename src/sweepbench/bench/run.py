@@ -3,6 +3,7 @@ the tracking layer."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -14,14 +15,17 @@ import torch
 from ..config import ConfigError
 from ..data import DataNotFoundError
 from ..engine import Callback, EpochRecord, RunResult, StopTraining, TrainContext, device_name, resolve_device, train
+from ..engine.interrupts import uninterrupted
 from ..precisions import PRECISIONS
 from ..status import MlflowStatus, RunStatus, mlflow_status
 from ..steps import check_step_device
 from ..tracking import (MlflowLogger, PausedWhileTimed, Store, SystemMetrics, config_params, config_tags,
-                        environment_tags, start_system_metrics)
+                        environment_tags, process_tags, start_system_metrics)
 from .harness import Parent, Published, run_harness
 from .spec import BenchSpec, Cell
 from .table import CellOutcome, build_table, cell_figures, plot_speedups
+
+log = logging.getLogger(__name__)
 
 CUT = "cut"  # how the status of a cell ``CellBudget`` stopped begins
 
@@ -49,8 +53,11 @@ def cell_skip_reason(cell: Cell) -> str | None:
 
 
 def start_cell_run(parent: Parent, cell: Cell, tags: dict[str, str]) -> str:
-    return parent.store.start_run(parent.experiment_id, cell.label, "cell", {**_cell_tags(cell), **tags},
-                                  config_params(cell.config), parent.run_id)
+    """The cell's run, with the tags of the process that writes it: a cell stays open across the rounds, and
+    should this process be killed, ``sweepbench runs reconcile`` ends the run KILLED."""
+    tags = {**_cell_tags(cell), **process_tags(), **tags}
+    return parent.store.start_run(parent.experiment_id, cell.label, "cell", tags, config_params(cell.config),
+                                  parent.run_id)
 
 
 def _cell_tags(cell: Cell) -> dict[str, str]:
@@ -119,7 +126,8 @@ class CellRun:
             if isinstance(exc, (ConfigError, DataNotFoundError)):
                 raise
             return
-        self.results.append(result)
+        result.model = None  # not a figure: held, every repeat's would stay in (GPU) memory to the end, and in
+        self.results.append(result)  # the peak memory of the cells after it
         self.loads.append(os.getloadavg()[0])
         if result.status != RunStatus.COMPLETED or repeat == self.spec.repeats:
             self._finish()
@@ -151,10 +159,14 @@ class CellRun:
         self.outcome = outcome
 
     def stop(self, reason: str) -> None:
-        """Ends the run of a cell that is not done, KILLED, when the benchmark stops before it (Ctrl-C, a
-        mistake in the spec found by another cell)."""
-        if self.outcome is None:
-            self.parent.store.end_run(self.run_id, MlflowStatus.KILLED, {"status": f"{RunStatus.KILLED}: {reason}"})
+        """Ends the run of a cell that is not done, KILLED, when the benchmark stops before it (Ctrl-C, an
+        error in another cell), with its figures over the repeats it finished: they are not lost."""
+        if self.outcome is not None:
+            return
+        figures = cell_figures(self.cell, self.results, self.spec.warmup_epochs, self.loads)
+        status = f"{RunStatus.KILLED}: {reason} after {len(self.results)}/{self.spec.repeats} repeat(s)"
+        self.parent.store.log(self.run_id, metrics=_finite(figures))
+        self.parent.store.end_run(self.run_id, MlflowStatus.KILLED, {"status": status})
 
 
 RoundHook = Callable[[int, int, int], None]  # (round, rounds, cells in it), as a round starts
@@ -164,12 +176,13 @@ def run_cells(cells: Sequence[Cell], spec: BenchSpec, parent: Parent, system: Sy
               on_cell: Callable[[CellOutcome], None] | None = None,
               on_round: RoundHook | None = None) -> list[CellOutcome]:
     """Runs the cells' repeats in rounds, repeat r of every cell before repeat r + 1 of any, under runs that are
-    children of ``parent``'s; ``on_cell`` sees each cell's outcome once it is done, ``on_round`` each round as it
-    starts (progress: the outcomes come in the last round). Interleaved, a slow phase of
-    the machine (benchmarks/RESULTS.md: a VM can run a third slower for tens of seconds) falls on one repeat of
-    several cells, which their medians leave out, rather than on every repeat of one cell. ``system``, the
-    parent's system metrics monitor, is paused while an epoch is timed. On Ctrl-C, or a mistake in the spec that
-    a cell finds, the cells not done end KILLED and the exception goes on."""
+    children of ``parent``'s; ``on_cell`` sees each cell's outcome once it is done (a skipped cell's at once, a
+    cut or failed one's in its round, the others' in the last), ``on_round`` each round as it starts. Returns
+    the outcomes in the cells' order. Interleaved, a slow phase of the machine (benchmarks/RESULTS.md: a VM can
+    run a third slower for tens of seconds) falls on one repeat of several cells rather than on every repeat of
+    one cell, and the median of three or more repeats leaves it out. ``system``, the parent's system metrics
+    monitor, is paused while an epoch is timed. On Ctrl-C or any error raised out of a cell (a mistake in the
+    spec, say), every cell not done ends KILLED (``CellRun.stop``) and the exception goes on."""
     runs: list[CellRun] = []
     try:
         for cell in cells:
@@ -183,14 +196,23 @@ def run_cells(cells: Sequence[Cell], spec: BenchSpec, parent: Parent, system: Sy
                 run.run_repeat(repeat)
                 _announce(run, on_cell)
     except KeyboardInterrupt:
-        for run in runs:
-            run.stop("interrupted")
+        _stop(runs, "interrupted")
         raise
     except Exception as exc:
-        for run in runs:
-            run.stop(f"the benchmark stopped: {type(exc).__name__}")
+        _stop(runs, f"the benchmark stopped ({type(exc).__name__})")
         raise
     return [run.outcome for run in runs]
+
+
+def _stop(runs: Sequence[CellRun], reason: str) -> None:
+    """``CellRun.stop`` of every run, each whatever the others' did, and none cut short by a second Ctrl-C."""
+    with uninterrupted():
+        for run in runs:
+            try:
+                run.stop(reason)
+            except Exception as exc:  # the store may be what stopped the benchmark; the next run may still end
+                log.warning(f"{run.cell.label}: its run could not be ended ({type(exc).__name__}: {exc}); "
+                            "`sweepbench runs reconcile` ends it once this process is gone")
 
 
 def _announce(run: CellRun, on_cell: Callable[[CellOutcome], None] | None) -> None:
