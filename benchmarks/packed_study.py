@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from optuna.trial import TrialState
 
-from sweepbench.bench.harness import Parent, Published, run_harness
+from sweepbench.bench.harness import CellsInOrder, Parent, Published, run_harness
 from sweepbench.hardware import device_name
 from sweepbench.status import MlflowStatus
 from sweepbench.study import StudyOutcome, configure_logging, make_job, run_study
@@ -39,7 +39,7 @@ log = logging.getLogger("sweepbench.benchmarks.packed_study")
 
 
 @dataclass
-class PackedStudy:
+class PackedStudy(CellsInOrder):
     """The harness instance: cells are pack sizes, a cell's outcome its study's."""
 
     spec: StudySpec

@@ -12,12 +12,12 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
-from sweepbench.bench.harness import Parent, Published, run_harness
+from sweepbench.bench.harness import CellsInOrder, Parent, Published, run_harness
 from sweepbench.tracking import Store
 
 
 @dataclass
-class Squares:
+class Squares(CellsInOrder):
     """A harness instance whose cell ``n`` makes one child run that records ``n * n``."""
 
     numbers: list[int]

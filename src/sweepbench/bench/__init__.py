@@ -30,7 +30,7 @@ The package keeps the spec apart from running it:
   sampler comparison (``compare``) is another instance.
 """
 
-from .run import BenchReport, run_benchmark, run_cell, skip_reason
+from .run import BenchReport, run_benchmark, run_cells, skip_reason
 from .spec import (AXES, AXIS_CHECKS, BASELINE_KEYS, BENCHMARK_KEYS, DEFAULT_BASELINE, GRID_OWNED_FIELDS,
                    PRECISIONS, SECTIONS, UNSUPPORTED_FIELDS, BenchSpec, Cell, filter_devices, load_spec, parse_spec)
 from .table import CellOutcome, add_comparisons, build_table, cell_figures, plot_speedups
@@ -38,4 +38,4 @@ from .table import CellOutcome, add_comparisons, build_table, cell_figures, plot
 __all__ = ["AXES", "AXIS_CHECKS", "BASELINE_KEYS", "BENCHMARK_KEYS", "DEFAULT_BASELINE", "GRID_OWNED_FIELDS",
            "PRECISIONS", "SECTIONS", "UNSUPPORTED_FIELDS", "BenchReport", "BenchSpec", "Cell", "CellOutcome",
            "add_comparisons", "build_table", "cell_figures", "filter_devices", "load_spec", "parse_spec",
-           "plot_speedups", "run_benchmark", "run_cell", "skip_reason"]
+           "plot_speedups", "run_benchmark", "run_cells", "skip_reason"]

@@ -8,7 +8,6 @@ pack size)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Callable, Generic, Protocol, Sequence, TypeVar
 
 import pandas as pd
@@ -55,17 +54,28 @@ class Published:
 
 
 class Instance(Protocol[CellT, OutcomeT]):
-    """One kind of benchmark: its cells, how one runs under the parent run, and what the outcomes publish
-    (None when there is nothing to publish yet: a comparison with too few paired seeds, say). The harness runs
-    the cells in order, one to its end before the next; an instance whose cells share the machine's time
-    (the device matrix interleaves its cells' repeats in rounds) runs them itself in a method
-    ``run_cells(parent, on_cell) -> list[OutcomeT]``, calling ``on_cell`` as each is done and returning the
-    outcomes in the order of ``cells()``."""
+    """One kind of benchmark: its cells, how they run under the parent run (``run_cells``: ``on_cell`` called
+    as each is done, the outcomes returned in the order of ``cells()``), and what the outcomes publish (None
+    when there is nothing to publish yet: a comparison with too few paired seeds, say). Most instances run
+    their cells in order, one to its end before the next (``CellsInOrder``); the device matrix interleaves its
+    cells' repeats in rounds."""
 
     def cells(self) -> Sequence[CellT]: ...
-    def run_cell(self, cell: CellT, parent: Parent) -> OutcomeT: ...
+    def run_cells(self, parent: Parent, on_cell: Callable[[OutcomeT], None] | None = None) -> list[OutcomeT]: ...
     def publish(self, outcomes: list[OutcomeT], parent: Parent) -> Published | None: ...
     def failed(self, outcome: OutcomeT) -> bool: ...
+
+
+class CellsInOrder:
+    """``run_cells`` for an instance whose ``run_cell(cell, parent)`` runs one cell to its end."""
+
+    def run_cells(self, parent: Parent, on_cell: Callable[[Any], None] | None = None) -> list[Any]:
+        outcomes = []
+        for cell in self.cells():
+            outcomes.append(self.run_cell(cell, parent))
+            if on_cell is not None:
+                on_cell(outcomes[-1])
+        return outcomes
 
 
 @dataclass
@@ -78,14 +88,12 @@ class HarnessResult(Generic[OutcomeT]):
 def run_harness(instance: Instance[CellT, OutcomeT], parent: Parent,
                 on_cell: Callable[[OutcomeT], None] | None = None,
                 after_cells: Callable[[], None] | None = None) -> HarnessResult[OutcomeT]:
-    """Runs every cell of ``instance`` under ``parent``'s run (in order, or as its ``run_cells`` does), then
-    publishes on it, and ends it: FINISHED, FAILED when a cell failed (``instance.failed``) or the harness
-    raised, KILLED on Ctrl-C. ``after_cells`` runs once the cells are done, whatever happened (stopping a
-    monitor, say)."""
+    """Runs every cell of ``instance`` under ``parent``'s run (``instance.run_cells``), then publishes on it, and
+    ends it: FINISHED, FAILED when a cell failed (``instance.failed``) or the harness raised, KILLED on Ctrl-C.
+    ``after_cells`` runs once the cells are done, whatever happened (stopping a monitor, say)."""
     with parent.store.lifecycle(parent.run_id) as ending:
-        run_cells = getattr(instance, "run_cells", None) or partial(_run_in_order, instance)
         try:
-            outcomes: list[OutcomeT] = run_cells(parent, on_cell)
+            outcomes = instance.run_cells(parent, on_cell)
         finally:
             if after_cells is not None:
                 after_cells()

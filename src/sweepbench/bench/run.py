@@ -220,11 +220,6 @@ def _announce(run: CellRun, on_cell: Callable[[CellOutcome], None] | None) -> No
         on_cell(run.outcome)
 
 
-def run_cell(cell: Cell, spec: BenchSpec, parent: Parent, system: SystemMetrics | None = None) -> CellOutcome:
-    """One cell's repeats, on their own (``run_cells`` of that cell alone)."""
-    return run_cells([cell], spec, parent, system)[0]
-
-
 def _finite(values: dict[str, Any]) -> dict[str, float]:
     """The finite numbers among ``values`` (skipped cells have none), as metrics to log."""
     return {key: value for key, value in values.items() if isinstance(value, (int, float))
@@ -271,9 +266,6 @@ class DeviceMatrix:
 
     def cells(self) -> list[Cell]:
         return self.spec.cells
-
-    def run_cell(self, cell: Cell, parent: Parent) -> CellOutcome:
-        return run_cell(cell, self.spec, parent, self.system)
 
     def run_cells(self, parent: Parent, on_cell: Callable[[CellOutcome], None] | None = None) -> list[CellOutcome]:
         """Every cell, their repeats interleaved in rounds (``run_cells``)."""

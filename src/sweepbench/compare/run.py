@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from ..bench.harness import Parent, Published, run_harness
+from ..bench.harness import CellsInOrder, Parent, Published, run_harness
 from ..config import ConfigError
 from ..report.export import export_table
 from ..status import MlflowStatus
@@ -76,7 +76,7 @@ def run_comparison(comparison: Comparison, spec_text: str, storage_url: str | No
 
 
 @dataclass
-class SamplerComparison:
+class SamplerComparison(CellsInOrder):
     """The sampler x seed comparison as an instance of the one benchmark harness (``bench.harness``): a cell is
     one member study (a sampler at a seed), run or resumed as any study, its parent run a child of the
     comparison's; the outcomes publish the report (``report``) once the seeds pair up."""
