@@ -175,6 +175,8 @@ def test_a_quick_study_on_mnist_gives_trials_and_matching_mlflow_runs(pruning_st
     assert_exactly(study, 6)
     states = {trial.state for trial in study.trials}
     assert TrialState.COMPLETE in states and TrialState.PRUNED in states, "a study built to prune prunes"
+    assert all(len(trial.intermediate_values) < 3 for trial in study.get_trials(states=(TrialState.PRUNED,))), \
+        "no trial is pruned after its last epoch"
     parent, children = assert_runs_match_trials(study, sqlite_tracking(directory))
     client = MlflowClient(sqlite_tracking(directory))
     for trial in study.trials:
@@ -194,6 +196,18 @@ def test_a_quick_study_on_mnist_gives_trials_and_matching_mlflow_runs(pruning_st
     assert client.get_metric_history(parent.info.run_id, "system/cpu_utilization_percentage"), \
         "the parent run has MLflow's system metrics"
     assert not [name for run in children.values() for name in run.data.metrics if name.startswith("system/")]
+
+
+@pytest.mark.slow
+def test_a_trial_is_never_pruned_after_its_last_epoch(tmp_path: Path, data_dir: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """One epoch a trial: the median pruner sees every trial's value (each is reported) but may not throw a
+    finished trial away, as it did (to trial 2 first, with these seeds) when it was asked after the last epoch
+    too."""
+    study = run_in_process(tmp_path, data_dir, monkeypatch, "last-epoch", n_trials=5, epochs=1)
+    assert [trial.state for trial in study.trials] == [TrialState.COMPLETE] * 5
+    assert [list(trial.intermediate_values) for trial in study.trials] == [[1]] * 5
+    assert study.best_value == max(trial.value for trial in study.trials)
 
 
 @pytest.mark.slow

@@ -93,7 +93,7 @@ class TrialCallback(engine.Callback):
         with self._timed():
             self.logger.on_epoch_end(context, record)
             try:
-                prune = self.prune_metric is not None and self._should_prune(record)
+                prune = self.prune_metric is not None and self._should_prune(record, context.config.epochs)
             except optuna.exceptions.UpdateFinishedTrialError:
                 self.stale = True
         if self.stale:
@@ -102,9 +102,11 @@ class TrialCallback(engine.Callback):
             raise engine.StopTraining(f"pruned by the {type(self.trial.study.pruner).__name__} after epoch "
                                       f"{record.epoch}", status=RunStatus.PRUNED)
 
-    def _should_prune(self, record: engine.EpochRecord) -> bool:
+    def _should_prune(self, record: engine.EpochRecord, epochs: int) -> bool:
+        """Reports every epoch, the last included (the pruner compares later trials with it), but asks the pruner
+        only before the last: pruning then saves no training and would throw away a finished trial's value."""
         self.trial.report(getattr(record, self.prune_metric), record.epoch)
-        return self.trial.should_prune()
+        return record.epoch < epochs and self.trial.should_prune()
 
     def on_train_end(self, context: engine.TrainContext, result: engine.RunResult) -> None:
         with self._timed():
