@@ -103,6 +103,48 @@ def test_the_next_train_in_the_experiment_ends_its_dead_runs_and_no_others(tmp_p
     assert sorted(statuses) == ["FINISHED", "KILLED"]
 
 
+BENCH = """
+[benchmark]
+name = "killed"
+repeats = 2
+[grid]
+precisions = ["cpu/fp32"]
+batch_sizes = [64, 128]
+[defaults]
+dataset = "mnist"
+train_subset = 2000
+epochs = 500
+[[models]]
+model = "mnist_mlp"
+model_kwargs = { hidden_size = 32 }
+"""
+
+
+@pytest.mark.slow
+def test_a_sigkilled_benchmark_leaves_nothing_running_after_runs_reconcile(tmp_path: Path, data_dir: Path) -> None:
+    """The benchmark's parent run is ended with its cells and repeat: its process is gone too."""
+    spec = tmp_path / "killed.toml"
+    spec.write_text(BENCH)
+    process = subprocess.Popen([sys.executable, "-m", "sweepbench.cli", "bench", str(spec), "--data-dir",
+                                str(data_dir), "--tracking-uri", store_uri(tmp_path)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        seen: tuple[str, ...] = ()
+        for _ in range(4):  # the parent, both cells and the first repeat
+            seen = (*seen, wait_for_running_run(tmp_path / "mlflow.db", process, known=seen))
+    finally:
+        process.kill()
+        process.wait()
+    completed = run_cli("runs", "reconcile", "--tracking-uri", store_uri(tmp_path), timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert "reconciled: 4 RUNNING run(s) ended KILLED" in completed.stdout
+    client = MlflowClient(store_uri(tmp_path))
+    runs = client.search_runs([client.get_experiment_by_name("bench-killed").experiment_id])
+    assert sorted(run.data.tags["sweepbench.kind"] for run in runs) == ["bench", "cell", "cell", "repeat"]
+    assert {run.info.status for run in runs} == {"KILLED"}
+    assert {run.data.tags["stop_reason"] for run in runs} == {reason(process.pid)}
+
+
 @pytest.fixture
 def gone_pid() -> int:
     """The pid of a process that has exited and been reaped."""
