@@ -79,10 +79,14 @@ def test_train_register_makes_a_version_and_moves_best_only_to_a_better_one(tmp_
     first = cli(tmp_path, *common, "--train-subset", "4000")
     assert "registered model models:/digits/1; 'best' moved to it: models:/digits@best" in first.stdout
     worse = cli(tmp_path, *common, "--train-subset", "500", "--lr", "0.01")
-    assert "registered model models:/digits/2; 'best' stays on a version with a higher test accuracy" in worse.stdout
+    assert "registered model models:/digits/2; 'best' stays on a version with a higher validation accuracy" in \
+        worse.stdout
     client = MlflowClient(sqlite_tracking(tmp_path))
     best = client.get_model_version_by_alias("digits", "best")
+    second = client.get_model_version("digits", "2")
     assert str(best.version) == "1"
+    assert client.get_run(best.run_id).data.metrics["best_val_accuracy"] > \
+        client.get_run(second.run_id).data.metrics["best_val_accuracy"], "chosen on validation, not on test"
     accuracy = client.get_run(best.run_id).data.metrics["test_accuracy"]
     assert registered_model_accuracy("models:/digits@best", sqlite_tracking(tmp_path), data_dir) == pytest.approx(accuracy,
                                                                                                          abs=1e-9)

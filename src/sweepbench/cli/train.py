@@ -88,7 +88,7 @@ def _register(logger, name: str) -> str:
         return "registered model: none (the run logged no model: it did not complete)"
     uri, moved = register_if_better(logger.store, name, logger.run_id, logger.model_id)
     alias = f"; {BEST_ALIAS!r} moved to it: models:/{name}@{BEST_ALIAS}" if moved else \
-        f"; {BEST_ALIAS!r} stays on a version with a higher test accuracy"
+        f"; {BEST_ALIAS!r} stays on a version with a higher validation accuracy"
     return f"registered model {uri}{alias}"
 
 

@@ -96,10 +96,10 @@ def register(store: Store, name: str, run_id: str, model_id: str, alias: str | N
 
 
 def register_if_better(store: Store, name: str, run_id: str, model_id: str,
-                       metric: str = "test_accuracy") -> tuple[str, bool]:
+                       metric: str = "best_val_accuracy") -> tuple[str, bool]:
     """A new version of ``name`` from ``run_id``'s model; ``best`` moves to it when its run's ``metric`` (higher
     is better) beats the run ``best`` points at, or nothing has it yet. Returns the version's URI and whether
-    ``best`` moved."""
+    ``best`` moved. The choice is model selection, so its metric is a validation one: the test set only reports."""
     current = version_by_alias(store, name)
     ours = store.client.get_run(run_id).data.metrics.get(metric)
     theirs = store.client.get_run(current.run_id).data.metrics.get(metric) if current and current.run_id else None
