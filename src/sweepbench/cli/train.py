@@ -25,7 +25,8 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")
     parser.add_argument("--register", metavar="NAME",
                         help="register the trained model in MLflow's Model Registry as a new version of NAME; the "
-                             "alias 'best' moves to it when its test accuracy beats the version it points at")
+                             "alias 'best' moves to it when its best validation accuracy beats that of the version "
+                             "it points at")
     add_data_args(parser)
     add_tracking_args(parser, default_experiment="train")
     add_system_metrics_arg(parser, "the run")
