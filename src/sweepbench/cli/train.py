@@ -25,8 +25,8 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")
     parser.add_argument("--register", metavar="NAME",
                         help="register the trained model in MLflow's Model Registry as a new version of NAME; the "
-                             "alias 'best' moves to it when its best validation accuracy beats that of the version "
-                             "it points at")
+                             "alias 'best' moves to it when its final validation accuracy beats that of the version "
+                             "it points at (validated on the same images)")
     add_data_args(parser)
     add_tracking_args(parser, default_experiment="train")
     add_system_metrics_arg(parser, "the run")
@@ -87,10 +87,14 @@ def _register(logger, name: str) -> str:
 
     if logger.model_id is None:
         return "registered model: none (the run logged no model: it did not complete)"
-    uri, moved = register_if_better(logger.store, name, logger.run_id, logger.model_id)
-    alias = f"; {BEST_ALIAS!r} moved to it: models:/{name}@{BEST_ALIAS}" if moved else \
-        f"; {BEST_ALIAS!r} stays on a version with a higher validation accuracy"
-    return f"registered model {uri}{alias}"
+    registration = register_if_better(logger.store, name, logger.run_id, logger.model_id)
+    if registration.best_moved:
+        best = f"{BEST_ALIAS!r} moved to it: models:/{name}@{BEST_ALIAS}"
+    elif registration.not_comparable:
+        best = f"{BEST_ALIAS!r} stays: {registration.not_comparable}, so the two do not compare"
+    else:
+        best = f"{BEST_ALIAS!r} stays on a version with at least as high a final validation accuracy"
+    return f"registered model {registration.uri}; {best}"
 
 
 def _reconcile_experiment(logger) -> None:

@@ -10,10 +10,12 @@ import contextlib
 import copy
 import json
 import os
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
+from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
@@ -95,19 +97,52 @@ def register(store: Store, name: str, run_id: str, model_id: str, alias: str | N
     return uri
 
 
+@dataclass(frozen=True)
+class Registration:
+    """What ``register_if_better`` did: the new version's URI, whether ``best`` moved to it, and, when it stayed
+    because the two runs' validation scores do not compare, why."""
+
+    uri: str
+    best_moved: bool
+    not_comparable: str | None = None
+
+
 def register_if_better(store: Store, name: str, run_id: str, model_id: str,
-                       metric: str = "best_val_accuracy") -> tuple[str, bool]:
-    """A new version of ``name`` from ``run_id``'s model; ``best`` moves to it when its run's ``metric`` (higher
-    is better) beats the run ``best`` points at, or nothing has it yet. Returns the version's URI and whether
-    ``best`` moved. The choice is model selection, so its metric is a validation one: the test set only reports."""
+                       metric: str = "val_accuracy") -> Registration:
+    """A new version of ``name`` from ``run_id``'s model; ``best`` moves to it when nothing has it yet, or when
+    its run's final ``metric`` (the registered weights' own; higher is better) beats that of the run ``best``
+    points at. Choosing a model is selection, so it is made on validation: the test set only reports. Scores on
+    different validation images (another dataset or ``val_size``) do not compare: ``best`` then stays."""
     current = version_by_alias(store, name)
-    ours = store.client.get_run(run_id).data.metrics.get(metric)
-    theirs = store.client.get_run(current.run_id).data.metrics.get(metric) if current and current.run_id else None
-    better = current is None or (ours is not None and (theirs is None or ours > theirs))
+    ours = store.client.get_run(run_id)
+    theirs = store.client.get_run(current.run_id) if current and current.run_id else None
     uri = register(store, name, run_id, model_id, alias=None)
-    if better:
-        store.client.set_registered_model_alias(name, BEST_ALIAS, uri.rsplit("/", 1)[-1])
-    return uri, better
+    if current is None or theirs is None:
+        return _move_best(store, name, uri)
+    not_comparable = _other_validation_split(ours, theirs)
+    if not_comparable:
+        return Registration(uri, False, f"version {current.version} was validated on {not_comparable}")
+    score, best_score = ours.data.metrics.get(metric), theirs.data.metrics.get(metric)
+    if score is not None and (best_score is None or score > best_score):
+        return _move_best(store, name, uri)
+    return Registration(uri, False)
+
+
+def _move_best(store: Store, name: str, uri: str) -> Registration:
+    store.client.set_registered_model_alias(name, BEST_ALIAS, uri.rsplit("/", 1)[-1])
+    return Registration(uri, True)
+
+
+def _other_validation_split(ours: Run, theirs: Run) -> str | None:
+    """How ``theirs`` was validated on other images than ``ours``, or None when both saw the same ones. The split is
+    fixed by the data and ``val_size``; the dataset's fingerprint covers its every split."""
+    sizes = [run.data.params.get("val_size") for run in (ours, theirs)]
+    if sizes[0] != sizes[1]:
+        return f"another split (val_size {sizes[1]}, this run's {sizes[0]})"
+    fingerprints = [run.data.tags.get("dataset_fingerprint") for run in (ours, theirs)]
+    if fingerprints[0] != fingerprints[1]:
+        return f"other data (dataset {theirs.data.params.get('dataset')}, fingerprint {fingerprints[1]})"
+    return None
 
 
 def version_by_alias(store: Store, name: str, alias: str = BEST_ALIAS) -> ModelVersion | None:

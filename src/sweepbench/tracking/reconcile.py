@@ -1,9 +1,10 @@
 """Runs left RUNNING by a process that is gone (SIGKILL, a crash, a machine that went down) end KILLED here.
 
-Every training run records where it runs (``process_tags``: host, pid and the process's start time, from psutil,
-so that a reused pid is not taken for the run's writer). ``reconcile_dead_runs`` ends the RUNNING runs of this host whose
-process is gone; runs of other hosts are left alone (their processes cannot be seen from here), and so are study
-trials, whose runs a ``study run`` reconciles with their Optuna states.
+Every training run, and a benchmark's parent and cell runs, record where they run (``process_tags``: host, pid and
+the process's start time, from psutil, so that a reused pid is not taken for the run's writer).
+``reconcile_dead_runs`` ends the RUNNING runs of this host whose process is gone; runs of other hosts are left alone
+(their processes cannot be seen from here), and so are study trials, whose runs a ``study run`` reconciles with
+their Optuna states.
 """
 
 from __future__ import annotations
