@@ -32,7 +32,7 @@ from sweepbench.hardware import device_name
 from sweepbench.status import MlflowStatus
 from sweepbench.study import StudyOutcome, configure_logging, make_job, run_study
 from sweepbench.study.spec import StudySpec, load_spec
-from sweepbench.tracking import Store, environment_tags
+from sweepbench.tracking import Store, environment_tags, process_tags
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("sweepbench.benchmarks.packed_study")
@@ -97,8 +97,8 @@ def main() -> None:
         store = Store(args.tracking_uri or f"sqlite:///{folder}/mlflow.db")
         experiment = f"packed-{spec.name}"
         experiment_id = store.experiment(experiment, f"{spec.name}: packs {packs[1]} and 1 on the same budget")
-        run_id = store.start_run(experiment_id, f"packed-{spec.name}", "bench",
-                                 {**environment_tags(torch.device("cpu")), "benchmark": "packed_study"})
+        tags = {**environment_tags(torch.device("cpu")), **process_tags(), "benchmark": "packed_study"}
+        run_id = store.start_run(experiment_id, f"packed-{spec.name}", "bench", tags)
         print(f"machine: {device_name(torch.device('cpu'))}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
               f"Python {platform.python_version()}; {Path(args.spec).name}, {args.n_trials} trials", flush=True)
         result = run_harness(PackedStudy(spec, packs, Path(folder)), Parent(store, experiment, experiment_id, run_id))
