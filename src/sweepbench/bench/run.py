@@ -248,8 +248,7 @@ def _parent_tags(spec: BenchSpec) -> dict[str, str]:
     """The parent run's tags, its process's among them: ``runs reconcile`` ends it, as its cells, once the
     process is gone."""
     tags = {**environment_tags(torch.device("cpu")), **process_tags(), "benchmark": spec.name,
-            "repeats": str(spec.repeats),
-            "warmup_epochs": str(spec.warmup_epochs), "baseline": str(spec.baseline),
+            "repeats": str(spec.repeats), "warmup_epochs": str(spec.warmup_epochs), "baseline": str(spec.baseline),
             "accuracy_tolerance": str(spec.accuracy_tolerance), "torch_threads": str(torch.get_num_threads())}
     if torch.cuda.is_available():
         tags["cuda_device_name"] = device_name(torch.device("cuda"))
