@@ -106,16 +106,6 @@ def run_harness(instance: Instance[CellT, OutcomeT], parent: Parent,
     return HarnessResult(outcomes, published, ending.status)
 
 
-def _run_in_order(instance: Instance[CellT, OutcomeT], parent: Parent,
-                  on_cell: Callable[[OutcomeT], None] | None) -> list[OutcomeT]:
-    outcomes: list[OutcomeT] = []
-    for cell in instance.cells():
-        outcomes.append(instance.run_cell(cell, parent))
-        if on_cell is not None:
-            on_cell(outcomes[-1])
-    return outcomes
-
-
 def publish(parent: Parent, published: Published) -> None:
     store, run_id = parent.store, parent.run_id
     if published.metrics:

@@ -163,10 +163,11 @@ class CellRun:
         error in another cell), with its figures over the repeats it finished: they are not lost."""
         if self.outcome is not None:
             return
-        figures = cell_figures(self.cell, self.results, self.spec.warmup_epochs, self.loads)
         status = f"{RunStatus.KILLED}: {reason} after {len(self.results)}/{self.spec.repeats} repeat(s)"
-        self.parent.store.log(self.run_id, metrics=_finite(figures))
-        self.parent.store.end_run(self.run_id, MlflowStatus.KILLED, {"status": status})
+        outcome = CellOutcome(self.cell, status, self.run_id,
+                              cell_figures(self.cell, self.results, self.spec.warmup_epochs, self.loads))
+        self.parent.store.log(self.run_id, metrics=_finite(outcome.figures))
+        self._end(outcome, MlflowStatus.KILLED)
 
 
 RoundHook = Callable[[int, int, int], None]  # (round, rounds, cells in it), as a round starts
